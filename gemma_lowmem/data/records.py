@@ -1,0 +1,181 @@
+"""Read rows from local JSONL, JSON, CSV or Parquet files with errors that name file, row and field.
+
+Every task reads its local data through :func:`read_records`; hub data sets go through
+:func:`load_hub_records`, which turns "no network" into one clear message.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gemma_lowmem.errors import UserError
+
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass
+class BadRows:
+    """Rows skipped with ``skip_bad_rows``: how many and why (the first few reasons kept)."""
+
+    count: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def add(self, reason: str) -> None:
+        self.count += 1
+        if len(self.reasons) < 20:
+            self.reasons.append(reason)
+
+
+def _rows_jsonl(path: Path, text: str) -> Iterable[tuple[str, Any]]:
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"line {line_no}", json.loads(line)
+        except json.JSONDecodeError as err:
+            yield f"line {line_no}", UserError(f"{path}: line {line_no}: malformed JSON ({err.msg} at column {err.colno})")
+
+
+def _rows_json(path: Path, text: str) -> Iterable[tuple[str, Any]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: malformed JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the single list inside
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise UserError(f"{path}: expected a JSON list of objects (or an object holding one list)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        yield f"item {i}", row
+
+
+def _rows_csv(path: Path, text: str) -> Iterable[tuple[str, Any]]:
+    csv.field_size_limit(sys.maxsize)  # news articles exceed the 128 KB default
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    for i, row in enumerate(reader):
+        yield f"row {i + 2}", row  # row 1 is the header
+
+
+def _rows_parquet(path: Path) -> Iterable[tuple[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a broken file
+        raise UserError(f"{path}: not a readable Parquet file ({err})") from None
+    for i, row in enumerate(table.to_pylist()):
+        yield f"row {i}", row
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserError(
+            f"{path}: line {line}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+            "re-save the file as UTF-8"
+        ) from None
+
+
+def read_records(
+    path: str | Path,
+    required: Sequence[str] = (),
+    text_fields: Sequence[str] = (),
+    skip_bad_rows: bool = False,
+    bad_rows: BadRows | None = None,
+) -> list[dict[str, Any]]:
+    """Read a local data file into a list of dicts.
+
+    Args:
+        path: a ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file.
+        required: fields every row must have (non-null).
+        text_fields: fields that must be non-empty strings.
+        skip_bad_rows: skip rows that fail the checks (counted in ``bad_rows``) instead of raising.
+        bad_rows: collects the skipped rows' reasons.
+
+    Returns:
+        The rows, in file order.
+
+    Raises:
+        UserError: naming the file, the line or row and the field.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give a {'/'.join(SUPPORTED_SUFFIXES)} file")
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise UserError(f"{path}: unknown file type '{suffix}'; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+    if suffix == ".parquet":
+        rows = _rows_parquet(path)
+    else:
+        reader = {".jsonl": _rows_jsonl, ".json": _rows_json, ".csv": _rows_csv}[suffix]
+        rows = reader(path, _read_text(path))
+
+    bad_rows = bad_rows if bad_rows is not None else BadRows()
+    records = []
+    for where, row in rows:
+        problem = _check_row(path, where, row, required, text_fields)
+        if problem is None:
+            records.append(row)
+        elif skip_bad_rows:
+            bad_rows.add(str(problem))
+        else:
+            raise problem
+    if not records:
+        detail = f" ({bad_rows.count} bad rows skipped)" if bad_rows.count else ""
+        raise UserError(f"{path}: no usable rows{detail}")
+    return records
+
+
+def _check_row(
+    path: Path, where: str, row: Any, required: Sequence[str], text_fields: Sequence[str]
+) -> UserError | None:
+    if isinstance(row, UserError):
+        return row
+    if not isinstance(row, dict):
+        return UserError(f"{path}: {where}: expected an object with fields, got {type(row).__name__}")
+    for name in required:
+        if row.get(name) is None:
+            return UserError(f"{path}: {where}: missing field '{name}' (fields present: {', '.join(row) or 'none'})")
+    for name in text_fields:
+        value = row.get(name)
+        if not isinstance(value, str):
+            return UserError(f"{path}: {where}: field '{name}' must be text, got {type(value).__name__}")
+        if not value.strip():
+            return UserError(f"{path}: {where}: field '{name}' is empty")
+    return None
+
+
+def load_hub_records(name: str, config: str | None, split: str) -> list[dict[str, Any]]:
+    """Load a split of a Hugging Face hub data set through ``datasets``.
+
+    Raises:
+        UserError: when the hub cannot be reached or the data set is unknown, naming the local alternative.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("loading hub data sets needs the 'datasets' package (pip install datasets)") from None
+    try:
+        return list(datasets.load_dataset(name, config, split=split))
+    except Exception as err:  # network, auth and unknown-name errors come in many types
+        raise UserError(
+            f"could not load data set '{name}' ({config or 'default'}, {split}) from the hub: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+            "Offline? Give a local file with --data PATH (JSONL/CSV/Parquet) or use --demo"
+        ) from None
