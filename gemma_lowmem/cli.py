@@ -1,0 +1,123 @@
+"""Command-line flags generated from the config dataclasses, and the user-error wrapper of every script.
+
+Precedence: defaults < ``--preset`` < ``--config run.json`` < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, fields
+from typing import Any
+
+from gemma_lowmem.config import SECTIONS, RunConfig, read_config_file
+from gemma_lowmem.errors import UserError
+
+# The seed's experiment grid, plus the settings of the embedded demo (fits 15 minutes on 2 CPU cores).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "baseline": {"train": {"lr": 2e-4, "epochs": 3}, "data": {"max_train_samples": 2000}},
+    "high_lr": {"train": {"lr": 5e-4, "epochs": 3}, "data": {"max_train_samples": 2000}},
+    "more_data": {"train": {"lr": 2e-4, "epochs": 3}, "data": {"max_train_samples": 5000}},
+    "more_epochs": {"train": {"lr": 2e-4, "epochs": 5}, "data": {"max_train_samples": 2000}},
+}
+DEMO: dict[str, dict[str, Any]] = {
+    "model": {"model": "gemma-3-270m"},
+    "data": {"demo": True, "max_seq_length": 1024},
+    "train": {"epochs": 2, "lr": 3e-4, "batch_size": 2, "grad_accum": 2, "eval_every": 10, "save_every": 20},
+}
+
+
+def flag_name(section: str, name: str) -> str:
+    # LoRA fields (r, alpha, dropout) would be ambiguous alone: they get a prefix.
+    return f"--{'lora-' if section == 'lora' else ''}{name.replace('_', '-')}"
+
+
+def _base_type(annotation: Any) -> Any:
+    """``int | None`` -> (int, True); ``list[str]`` -> (list, False)."""
+    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation  # noqa: S307 (own code)
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return typing.get_origin(hint) or hint, False
+
+
+def _parser_for(base: type, optional: bool, flag: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        if optional and text.lower() in ("none", "null", ""):
+            return None
+        try:
+            return base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} expects {base.__name__}, got {text!r}") from None
+
+    return parse
+
+
+def build_parser(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
+    """An argparse parser with one flag per config field (help from the field's metadata)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="JSON file with sections model/lora/data/train (flags override it)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="the seed's experiment grid: " + "; ".join(
+        f"{k}: {v['train']['lr']:g} lr, {v['train']['epochs']} epochs, {v['data']['max_train_samples']} samples"
+        for k, v in PRESETS.items()))
+    for section, section_cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} ({section_cls.__doc__.strip().splitlines()[0]})")
+        for f in fields(section_cls):
+            flag = flag_name(section, f.name)
+            default = f.default if f.default is not MISSING else f.default_factory()
+            kw: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
+                                  "help": f"{f.metadata['help']} (default: {default})"}
+            base, optional = _base_type(f.type)
+            if base is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            elif base is list:
+                group.add_argument(flag, nargs="+", **kw)
+            else:
+                if "choices" in f.metadata:
+                    kw["choices"] = f.metadata["choices"]
+                group.add_argument(flag, type=_parser_for(base, optional, flag), metavar=base.__name__.upper(), **kw)
+    if extra is not None:
+        extra(parser)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Merge defaults, preset, config file and flags into a validated ``RunConfig``."""
+    merged: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+
+    def overlay(values: dict[str, dict[str, Any]]) -> None:
+        for section, items in values.items():
+            merged[section].update(items)
+
+    given = {k: v for k, v in vars(args).items() if "." in k}
+    if given.get("data.demo"):
+        overlay(DEMO)
+    if args.preset:
+        overlay(PRESETS[args.preset])
+    if args.config:
+        overlay(read_config_file(args.config))
+    for key, value in given.items():
+        section, name = key.split(".", 1)
+        merged[section][name] = value
+    return RunConfig.from_dict(merged, source="command line")
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """Run a script's main; a ``UserError`` becomes one ``error:`` line and exit code 2."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def print_config(cfg: RunConfig) -> None:
+    print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))

@@ -1,0 +1,239 @@
+"""Run configuration: one dataclass per concern, each field with a default and a one-line help.
+
+The CLI (``gemma_lowmem.cli``) is generated from these fields (the ``help`` metadata), and the resolved
+configuration is saved as JSON with every run and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from gemma_lowmem.errors import UserError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field whose help text feeds ``--help``."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise UserError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _check_positive(name: str, value: float | int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise UserError(f"{name}={value!r} must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how to hold its frozen weights."""
+
+    model: str = _f(
+        "google/gemma-3n-E2B-it",
+        "hub id, local model folder, .gguf file, or the short name gemma-3-270m (bundled, needs the demo extra)",
+    )
+    quant: str = _f(
+        "int8", "frozen base weights: int8 (bitsandbytes LLM.int8), nf4 (4-bit), none", choices=("int8", "nf4", "none")
+    )
+    dtype: str = _f(
+        "auto",
+        "dtype of frozen non-quantized weights: auto (bf16, or fp16 on GPUs without bf16), bf16, fp16, fp32",
+        choices=("auto", "bf16", "fp16", "fp32"),
+    )
+    attn_implementation: str = _f("sdpa", "attention kernel: sdpa or eager (flash_attention_2 where installed)")
+    int8_embeddings: bool = _f(True, "keep big per-layer embedding tables (Gemma 3n) row-wise int8")
+    embeddings_on_cpu: bool = _f(False, "keep the int8 per-layer embedding table on the CPU when training on a GPU")
+    system_role: bool = _f(
+        False, "the chat template accepts a system turn; off for Gemma: system text is folded into the first user turn"
+    )
+
+    def __post_init__(self) -> None:
+        _check_choice("quant", self.quant, ("int8", "nf4", "none"))
+        _check_choice("dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA adapter (PEFT) on the language model's projections."""
+
+    r: int = _f(16, "LoRA rank")
+    alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
+    dropout: float = _f(0.05, "dropout on the LoRA input")
+    target_modules: list[str] = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "projection names to adapt (language model only)",
+    )
+
+    def __post_init__(self) -> None:
+        _check_positive("lora.r", self.r)
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"lora.dropout={self.dropout!r} must be in [0, 1)")
+        if not self.target_modules:
+            raise UserError("lora.target_modules is empty")
+
+
+@dataclass
+class DataConfig:
+    """Which task and data, and how conversations become token rows."""
+
+    task: str = _f("summary_eval", "task: summary_eval, topic, essay, preference")
+    data: str | None = _f(
+        None, "data: a local JSONL/CSV/Parquet file, or a hub data set id (default: the task's hub set)"
+    )
+    train_file: str | None = _f(None, "local training file (overrides --data)")
+    val_file: str | None = _f(None, "local validation file (default: a slice held out of the training data)")
+    demo: bool = _f(
+        False, "use the small demo set bundled in the package (and the bundled Gemma 3 270M unless --model)"
+    )
+    lang: str = _f("ko", "prompt language: ko (default) or en", choices=("ko", "en"))
+    max_train_samples: int | None = _f(2000, "at most this many training rows (none: all)")
+    max_val_samples: int | None = _f(500, "at most this many validation rows (none: all)")
+    max_seq_length: int = _f(2048, "longest conversation in tokens; longer ones get their article cut")
+    max_article_length: int = _f(2000, "cut articles to this many characters, at a sentence end")
+    skip_bad_rows: bool = _f(False, "skip malformed rows (and report how many) instead of stopping")
+    cache_dir: str | None = _f(None, "where tokenized data sets are cached (default: ~/.cache/gemma_lowmem)")
+
+    def __post_init__(self) -> None:
+        _check_choice("lang", self.lang, ("ko", "en"))
+        _check_positive("max_train_samples", self.max_train_samples, allow_none=True)
+        _check_positive("max_val_samples", self.max_val_samples, allow_none=True)
+        _check_positive("max_seq_length", self.max_seq_length)
+        _check_positive("max_article_length", self.max_article_length)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop and its memory switches."""
+
+    output_dir: str | None = _f(None, "run folder (default: runs/<timestamp>)")
+    seed: int = _f(42, "seed for data order, LoRA init and dropout")
+    epochs: float = _f(3, "passes over the training data (stops earlier at --max-steps)")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (none: run all epochs)")
+    batch_size: int = _f(2, "rows per micro-batch (per device)")
+    grad_accum: int = _f(4, "micro-batches per optimizer step")
+    lr: float = _f(2e-4, "peak learning rate (AdamW, LoRA parameters only)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_ratio: float = _f(0.03, "fraction of steps for linear warmup")
+    scheduler: str = _f(
+        "cosine",
+        "learning-rate schedule after warmup: cosine, linear, constant",
+        choices=("cosine", "linear", "constant"),
+    )
+    max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0: off)")
+    precision: str = _f(
+        "auto",
+        "autocast: auto (bf16 where supported, else fp16 + GradScaler), bf16, fp16, fp32",
+        choices=("auto", "bf16", "fp16", "fp32"),
+    )
+    gradient_checkpointing: bool = _f(True, "recompute each layer's activations in backward (non-reentrant)")
+    chunked_loss: bool = _f(True, "chunked LM head + cross-entropy: never builds the full-vocabulary logits")
+    loss_chunk_size: int | None = _f(None, "tokens per loss chunk (none: sized to ~256 MB of logits)")
+    packing: bool = _f(True, "pack conversations into full rows (attention never crosses a conversation)")
+    pack_len: int | None = _f(None, "tokens per packed row (none: the data's max_seq_length)")
+    bucketing: bool = _f(True, "without packing: batch conversations of similar length (less padding)")
+    max_bad_steps: int = _f(5, "stop after this many optimizer steps in a row with a non-finite loss or gradient")
+    eval_every: int = _f(50, "validation loss every N optimizer steps (0: only at the end)")
+    early_stopping_patience: int | None = _f(None, "stop after N validations without improvement (none: off)")
+    log_every: int = _f(1, "write a metrics line every N optimizer steps")
+    save_every: int = _f(100, "checkpoint every N optimizer steps (0: only at the end)")
+    keep_checkpoints: int = _f(2, "keep the last N step checkpoints")
+    max_mem: str = _f("8GB", "memory budget for the whole run, e.g. 8GB, 7.5GiB, 8000MB")
+    resume: str | None = _f(None, "continue from this checkpoint folder (or a run folder: its latest checkpoint)")
+    push_to_hub: str | None = _f(None, "push the final adapter to this hub repo (needs network and a token)")
+
+    def __post_init__(self) -> None:
+        _check_positive("epochs", self.epochs)
+        _check_positive("max_steps", self.max_steps, allow_none=True)
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("grad_accum", self.grad_accum)
+        _check_positive("lr", self.lr)
+        _check_choice("scheduler", self.scheduler, ("cosine", "linear", "constant"))
+        _check_choice("precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
+        _check_positive("loss_chunk_size", self.loss_chunk_size, allow_none=True)
+        _check_positive("keep_checkpoints", self.keep_checkpoints)
+        _check_positive("pack_len", self.pack_len, allow_none=True)
+        _check_positive("max_bad_steps", self.max_bad_steps)
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; saved as ``config.json`` in the run folder and in each checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
+        """Build from a (possibly partial) nested dict, naming unknown keys and wrong types."""
+        if not isinstance(data, dict):
+            raise UserError(f"{source}: expected a JSON object with sections {', '.join(SECTIONS)}")
+        unknown = set(data) - set(SECTIONS)
+        if unknown:
+            raise UserError(
+                f"{source}: unknown section(s) {', '.join(sorted(unknown))}; expected {', '.join(SECTIONS)}"
+            )
+        parts = {}
+        for name, section_cls in SECTIONS.items():
+            values = data.get(name, {})
+            if not isinstance(values, dict):
+                raise UserError(f"{source}: section '{name}' must be an object")
+            known = {f.name: f for f in fields(section_cls)}
+            for key, value in values.items():
+                if key not in known:
+                    raise UserError(f"{source}: unknown key '{name}.{key}'; known: {', '.join(known)}")
+                _check_type(f"{source}: {name}.{key}", value, known[key].default)
+            parts[name] = section_cls(**values)
+        return cls(**parts)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        return cls.from_dict(read_config_file(path), source=str(path))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The (possibly partial) nested dict of a JSON config file, checked for unknown keys and wrong types."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such config file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not a valid JSON config ({err})") from None
+    RunConfig.from_dict(data, source=str(path))
+    return data
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _check_type(where: str, value: Any, default: Any) -> None:
+    if default is None or default is dataclasses.MISSING or value is None:
+        return
+    expected = float if isinstance(default, float) else type(default)
+    ok = (
+        isinstance(value, (int, float)) and not isinstance(value, bool)
+        if expected is float
+        else isinstance(value, expected)
+    )
+    if not ok:
+        raise UserError(f"{where}={value!r} has the wrong type: expected {expected.__name__}")

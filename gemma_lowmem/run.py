@@ -1,0 +1,127 @@
+"""A whole training run from a ``RunConfig``: setup (data, model, tokens) -> ``fit`` -> summary.
+
+Everything that can fail on user input (data, model name, budget, output folder) is checked before anything is
+written, so a bad flag leaves no half-written run folder behind.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoConfig
+
+from gemma_lowmem.config import RunConfig
+from gemma_lowmem.data.conversation import Conversation
+from gemma_lowmem.data.tokenize import EncodedSet, encode_conversations
+from gemma_lowmem.device import default_device, weight_dtype
+from gemma_lowmem.errors import UserError
+from gemma_lowmem.memory import estimate_weight_bytes, format_size, parse_size
+from gemma_lowmem.model import CACHE, add_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path
+from gemma_lowmem.tasks import get_task
+from gemma_lowmem.train import FitResult, fit
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def choose_run_dir(cfg: RunConfig) -> Path:
+    """The run folder: ``--output-dir``, the folder of ``--resume``, or ``runs/<timestamp>``; checked writable."""
+    if cfg.train.output_dir:
+        run_dir = Path(cfg.train.output_dir)
+    elif cfg.train.resume:
+        resume = Path(cfg.train.resume)
+        run_dir = resume.parent.parent if resume.parent.name == "checkpoints" else resume
+    else:
+        run_dir = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--output-dir {run_dir}: exists and is not a folder")
+    parent = next(p for p in [run_dir, *run_dir.parents] if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--output-dir {run_dir}: {parent} is not writable")
+    return run_dir
+
+
+def check_budget(model_path: str, cfg: RunConfig, device: torch.device) -> int:
+    """Refuse a ``--max-mem`` that the frozen weights alone exceed; returns the weights' estimated bytes."""
+    budget = parse_size(cfg.train.max_mem)
+    model_config = AutoConfig.from_pretrained(model_path)
+    model_config = getattr(model_config, "text_config", None) or model_config
+    dtype_bytes = torch.finfo(weight_dtype(device, cfg.model.dtype)).bits // 8
+    weights = estimate_weight_bytes(model_config, cfg.model.quant, dtype_bytes)
+    if weights > budget:
+        raise UserError(
+            f"--max-mem {cfg.train.max_mem} is below the model's frozen weights alone "
+            f"({format_size(weights)} with --quant {cfg.model.quant}); give at least {format_size(weights * 1.3)}"
+        )
+    return weights
+
+
+@dataclass
+class Prepared:
+    """What ``setup`` returns: everything ``fit`` needs."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    train: EncodedSet
+    val: EncodedSet
+    train_conversations: list[Conversation]
+    val_conversations: list[Conversation]
+    run_dir: Path
+
+
+def encode(cfg: RunConfig, tokenizer: Any, conversations: list[Conversation], desc: str) -> EncodedSet:
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else CACHE / "tokens"
+    encoded = encode_conversations(
+        tokenizer, conversations, cfg.data.max_seq_length, system_role=cfg.model.system_role, cache_dir=cache,
+        desc=desc,
+    )
+    if encoded.n_cut or encoded.n_dropped:
+        print(f"{desc}: {encoded.n_cut} conversations had their article cut to fit {cfg.data.max_seq_length} tokens, "
+              f"{encoded.n_dropped} dropped (too long even after cutting)")
+    return encoded
+
+
+def setup(cfg: RunConfig) -> Prepared:
+    """Load data and model, add LoRA, tokenize; validates user input before anything is written."""
+    seed_everything(cfg.train.seed)
+    device = default_device()
+    parse_size(cfg.train.max_mem)
+    model_path = resolve_model_path(cfg.model.model)
+    run_dir = choose_run_dir(cfg)
+    train_convs, val_convs = get_task(cfg.data.task).build_datasets(cfg.data, cfg.train.seed)
+    weights = check_budget(model_path, cfg, device)
+    print(f"model {cfg.model.model} -> {model_path}; frozen weights ~{format_size(weights)} (--quant {cfg.model.quant})")
+    tokenizer = load_tokenizer(model_path)
+    base = load_base_model(cfg.model, device)
+    torch.manual_seed(cfg.train.seed)  # LoRA init from the seed, whatever loading consumed
+    model = add_lora(base, cfg.lora, cfg.train.gradient_checkpointing)
+    trainable, total = count_parameters(model)
+    print(f"LoRA: {trainable:,} trainable parameters ({100 * trainable / max(total, 1):.2f}% of {total:,} stored)")
+    train = encode(cfg, tokenizer, train_convs, "tokenizing train")
+    val = encode(cfg, tokenizer, val_convs, "tokenizing val")
+    return Prepared(model, tokenizer, train, val, [train_convs[i] for i in train.kept],
+                    [val_convs[i] for i in val.kept], run_dir)
+
+
+def train_from_config(cfg: RunConfig) -> tuple[Prepared, FitResult]:
+    """Setup, then the loop; writes ``config.json`` and everything ``fit`` writes into the run folder."""
+    prepared = setup(cfg)
+    prepared.run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(prepared.run_dir / "config.json")
+    # Packed rows are as long as the longest allowed conversation unless set otherwise.
+    train_cfg = replace(cfg.train, pack_len=cfg.train.pack_len or cfg.data.max_seq_length)
+    result = fit(
+        prepared.model, prepared.train.examples, prepared.val.examples, train_cfg, run_dir=prepared.run_dir,
+        pad_id=prepared.tokenizer.pad_token_id, run_config=cfg.to_dict(),
+    )
+    return prepared, result
