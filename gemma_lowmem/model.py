@@ -172,7 +172,7 @@ def add_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: bo
     """Wrap the frozen base with a trainable LoRA adapter (fp32 weights; autocast runs their matmuls in bf16)."""
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     peft_config = PeftLoraConfig(
         r=cfg.r,

@@ -113,6 +113,33 @@ def _micro_batches(plan_for: Callable[..., list], epoch: int, index: int) -> Ite
         epoch, index = epoch + 1, 0
 
 
+def backward_window(
+    model: torch.nn.Module,
+    window: list[dict[str, Any]],
+    loss_fn: LossFn,
+    precision: Any,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+) -> tuple[torch.Tensor, int]:
+    """Forward and backward every micro-batch of one accumulation window.
+
+    The gradients left in ``.grad`` are those of (sum of token losses) / (loss tokens of the whole window), so
+    how the window is split into micro-batches never changes them.
+
+    Returns:
+        (summed loss of the window as a 0-dim device tensor, loss tokens in the window).
+    """
+    window_tokens = sum(int(b["num_loss_tokens"]) for b in window)  # CPU tensors: no device sync
+    window_loss = torch.zeros((), device=device)
+    for batch in window:
+        with precision.autocast():
+            loss_sum = loss_fn(model, _to_device(batch, device))
+        scaler.scale(loss_sum / max(window_tokens, 1)).backward()
+        window_loss += loss_sum.detach().float()
+        del loss_sum  # the graph is freed by backward; drop the last reference too
+    return window_loss, window_tokens
+
+
 @torch.no_grad()
 def evaluate_loss(
     model: torch.nn.Module, batches: list[dict[str, Any]], loss_fn: LossFn, precision: Any, device: torch.device
@@ -250,15 +277,7 @@ def fit(
             for _ in range(cfg.grad_accum):
                 epoch, index, rows = next(stream)
                 window.append(collate_fn([[train[i] for i in row] for row in rows]))
-            window_tokens = sum(int(b["num_loss_tokens"]) for b in window)
-            window_loss = torch.zeros((), device=device)
-            for batch in window:
-                with precision.autocast():
-                    loss_sum = loss_fn(model, _to_device(batch, device))
-                scaler.scale(loss_sum / max(window_tokens, 1)).backward()
-                window_loss += loss_sum.detach().float()
-                del loss_sum  # the graph is freed by backward; drop the last reference too
-
+            window_loss, window_tokens = backward_window(model, window, loss_fn, precision, scaler, device)
             scaler.unscale_(optimizer)
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -39,3 +39,24 @@ def tiny_gemma3(seed: int = 0, **overrides) -> Gemma3ForCausalLM:
 def tiny_gemma3n(seed: int = 0, **overrides) -> Gemma3nForCausalLM:
     torch.manual_seed(seed)
     return Gemma3nForCausalLM(gemma3n_config(**overrides)).eval()
+
+
+SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]  # ids 0-5, as in tiny configs
+
+
+def tiny_tokenizer(chat_template: str | None = None):
+    """A byte-level tokenizer (any text, Korean included; 262 ids) with Gemma's special tokens and no merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer

@@ -1,0 +1,161 @@
+"""The loop on tiny random Gemma 3 / Gemma 3n models: convergence, recompute parity, accumulation, resume, adapter."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import pytest
+import torch
+from peft import PeftModel
+
+from gemma_lowmem.config import LoraConfig, TrainConfig
+from gemma_lowmem.data.collate import collate
+from gemma_lowmem.device import resolve_precision
+from gemma_lowmem.loss import sft_loss
+from gemma_lowmem.model import add_lora
+from gemma_lowmem.train import backward_window, fit, lr_factor
+from tests.tiny import tiny_gemma3, tiny_gemma3n
+
+MODELS = {"gemma3": tiny_gemma3, "gemma3n": tiny_gemma3n}
+
+
+def examples(n: int, seed: int = 0, vocab: int = 40) -> list[dict[str, list[int]]]:
+    """Unequal-length examples: random prompts, then a fixed answer pattern (learnable, so the loss can fall)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        prompt_len = int(torch.randint(6, 20, (1,), generator=g))
+        prompt = torch.randint(6, vocab, (prompt_len,), generator=g).tolist()
+        answer = [7, 8, 9, 10] * 3  # the same answer everywhere: an easy pattern
+        answer = answer[: int(torch.randint(5, 12, (1,), generator=g))]
+        out.append({"input_ids": prompt + answer, "labels": [-100] * prompt_len + answer})
+    return out
+
+
+def lora_model(name: str, checkpointing: bool = False, seed: int = 0) -> torch.nn.Module:
+    model = add_lora(MODELS[name](seed=seed), LoraConfig(r=4, alpha=8, dropout=0.0), checkpointing)
+    g = torch.Generator().manual_seed(seed + 1)
+    for pname, p in model.named_parameters():
+        if "lora_B" in pname:  # B = 0 at init would make every LoRA-A gradient zero: nothing to compare
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+    return model
+
+
+def lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_loss_falls(name, tmp_path):
+    model = add_lora(MODELS[name](), LoraConfig(r=8, alpha=16, dropout=0.0), gradient_checkpointing=True)
+    cfg = TrainConfig(max_steps=20, lr=1e-2, batch_size=2, grad_accum=2, eval_every=0, save_every=0,
+                      packing=False, warmup_ratio=0.0)
+    result = fit(model, examples(24), [], cfg, run_dir=tmp_path, pad_id=0, show_progress=False)
+    losses = [r["loss"] for r in result.history if "loss" in r]
+    assert len(losses) == 20
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_checkpointing_gives_same_loss_and_grads(name):
+    batch = collate([[e] for e in examples(3, seed=1)], pad_id=0, packed=False)
+    results = []
+    for checkpointing in (False, True):
+        model = lora_model(name, checkpointing)
+        model.train()  # checkpointing is active in training mode only
+        loss = sft_loss(model, batch)
+        loss.backward()
+        results.append((loss.detach(), lora_grads(model)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for key in grads_a:
+        torch.testing.assert_close(grads_a[key], grads_b[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_chunked_loss_matches_full_logits(name):
+    batch = collate([[e] for e in examples(3, seed=2)], pad_id=0, packed=False)
+    values = []
+    for chunked in (True, False):
+        model = lora_model(name)
+        loss = sft_loss(model, batch, chunked=chunked, chunk_size=5)
+        loss.backward()
+        values.append((loss.detach(), lora_grads(model)))
+    torch.testing.assert_close(values[0][0], values[1][0], rtol=1e-5, atol=1e-5)
+    for key in values[0][1]:
+        torch.testing.assert_close(values[0][1][key], values[1][1][key], rtol=1e-4, atol=1e-5)
+
+
+def test_accumulation_split_does_not_change_gradients():
+    data = examples(4, seed=3)  # unequal lengths: per-micro-batch means would weight them differently
+    precision = resolve_precision(torch.device("cpu"), "fp32")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    collate_fn = partial(collate, pad_id=0, packed=False)
+    grads, losses = [], []
+    for window in ([collate_fn([[e] for e in data])], [collate_fn([[e]]) for e in data]):
+        model = lora_model("gemma3")
+        loss, tokens = backward_window(model, window, sft_loss, precision, scaler, torch.device("cpu"))
+        losses.append(loss / tokens)
+        grads.append(lora_grads(model))
+    torch.testing.assert_close(losses[0], losses[1])
+    for key in grads[0]:
+        torch.testing.assert_close(grads[0][key], grads[1][key], rtol=1e-5, atol=1e-7)
+
+
+def test_resume_gives_the_same_losses(tmp_path):
+    cfg = TrainConfig(max_steps=6, lr=5e-3, batch_size=2, grad_accum=2, eval_every=0, save_every=3,
+                      keep_checkpoints=5, packing=True, pack_len=64)
+    data = examples(20, seed=4)
+    lora = LoraConfig(r=4, alpha=8, dropout=0.1)  # dropout: the RNG state must be restored too
+    torch.manual_seed(0)
+    full = fit(add_lora(tiny_gemma3(), lora, True), data, [], cfg, run_dir=tmp_path / "a", pad_id=0,
+               show_progress=False)
+    torch.manual_seed(123)  # a different adapter init and RNG: resume must restore both
+    cfg_resume = TrainConfig(**{**cfg.__dict__, "resume": str(tmp_path / "a" / "checkpoints" / "step-000003")})
+    resumed = fit(add_lora(tiny_gemma3(), lora, True), data, [], cfg_resume, run_dir=tmp_path / "b", pad_id=0,
+                  show_progress=False)
+    losses_full = [r["loss"] for r in full.history]
+    losses_resumed = [r["loss"] for r in resumed.history]
+    assert len(losses_full) == 6 and len(losses_resumed) == 3
+    assert losses_resumed == pytest.approx(losses_full[3:], rel=1e-6)
+
+
+def test_saved_adapter_loads_with_peft_and_gives_same_logits(tmp_path):
+    model = add_lora(tiny_gemma3(), LoraConfig(r=4, alpha=8, dropout=0.0), False)
+    cfg = TrainConfig(max_steps=3, lr=1e-2, eval_every=0, save_every=0, packing=False)
+    fit(model, examples(8), [], cfg, run_dir=tmp_path, pad_id=0, show_progress=False)
+    ids = torch.tensor([examples(1, seed=9)[0]["input_ids"]])
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        loaded = PeftModel.from_pretrained(tiny_gemma3(), str(tmp_path / "adapter"))
+        got = loaded(input_ids=ids).logits
+        untrained = tiny_gemma3()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(untrained, expected)  # training changed something, so the comparison means something
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 3 and (tmp_path / "loss_curve.png").is_file()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) >= 3
+
+
+def test_validation_and_early_stopping(tmp_path):
+    model = add_lora(tiny_gemma3(), LoraConfig(r=4, alpha=8, dropout=0.0), False)
+    # lr so high that validation loss stops improving quickly
+    cfg = TrainConfig(max_steps=40, lr=0.5, eval_every=1, early_stopping_patience=2, save_every=0, packing=False,
+                      warmup_ratio=0.0, scheduler="constant")
+    result = fit(model, examples(8), examples(4, seed=7), cfg, run_dir=tmp_path, pad_id=0, show_progress=False)
+    assert result.stopped == "early_stopping" and result.steps < 40
+    assert (tmp_path / "adapter_best" / "adapter_config.json").is_file()
+    val = [r["val_loss"] for r in result.history if "val_loss" in r]
+    assert result.best_val_loss == pytest.approx(min(val))
+
+
+def test_lr_schedule_shape():
+    factors = [lr_factor(s, total=100, warmup=10, kind="cosine") for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[-1] < 0.01
+    assert lr_factor(50, total=100, warmup=0, kind="linear") == pytest.approx(0.5)
