@@ -1,27 +1,34 @@
-"""gemma-lowmem: hand-written low-memory LoRA training for 8-bit Gemma (and any Hugging Face causal LM)."""
+"""gemma-lowmem: hand-written low-memory LoRA training for 8-bit Gemma (and any Hugging Face causal LM).
 
-from gemma_lowmem.config import DataConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
-from gemma_lowmem.data.conversation import Conversation
-from gemma_lowmem.data.tokenize import encode_conversations
-from gemma_lowmem.errors import UserError
-from gemma_lowmem.loss import sft_loss
-from gemma_lowmem.model import add_lora, load_adapter, load_base_model, load_tokenizer
-from gemma_lowmem.train import FitResult, fit
+The public names load lazily, so ``import gemma_lowmem.evaluation`` does not pull in torch and transformers.
+"""
 
-__all__ = [
-    "Conversation",
-    "DataConfig",
-    "FitResult",
-    "LoraConfig",
-    "ModelConfig",
-    "RunConfig",
-    "TrainConfig",
-    "UserError",
-    "add_lora",
-    "encode_conversations",
-    "fit",
-    "load_adapter",
-    "load_base_model",
-    "load_tokenizer",
-    "sft_loss",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DataConfig": "gemma_lowmem.config",
+    "LoraConfig": "gemma_lowmem.config",
+    "ModelConfig": "gemma_lowmem.config",
+    "RunConfig": "gemma_lowmem.config",
+    "TrainConfig": "gemma_lowmem.config",
+    "Conversation": "gemma_lowmem.data.conversation",
+    "encode_conversations": "gemma_lowmem.data.tokenize",
+    "UserError": "gemma_lowmem.errors",
+    "sft_loss": "gemma_lowmem.loss",
+    "add_lora": "gemma_lowmem.model",
+    "load_adapter": "gemma_lowmem.model",
+    "load_base_model": "gemma_lowmem.model",
+    "load_tokenizer": "gemma_lowmem.model",
+    "FitResult": "gemma_lowmem.train",
+    "fit": "gemma_lowmem.train",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gemma_lowmem' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

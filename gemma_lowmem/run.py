@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from gemma_lowmem.device import default_device, weight_dtype
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.memory import estimate_weight_bytes, format_size, parse_size
 from gemma_lowmem.model import CACHE, add_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path
-from gemma_lowmem.tasks import get_task
+from gemma_lowmem.tasks import TaskTraining, get_task
 from gemma_lowmem.train import FitResult, fit
 
 
@@ -72,11 +72,10 @@ class Prepared:
 
     model: torch.nn.Module
     tokenizer: Any
-    train: EncodedSet
-    val: EncodedSet
-    train_conversations: list[Conversation]
-    val_conversations: list[Conversation]
+    training: TaskTraining
     run_dir: Path
+    train_conversations: list[Conversation] = field(default_factory=list)  # SFT tasks: kept after tokenizing
+    val_conversations: list[Conversation] = field(default_factory=list)
 
 
 def encode(cfg: RunConfig, tokenizer: Any, conversations: list[Conversation], desc: str) -> EncodedSet:
@@ -98,19 +97,26 @@ def setup(cfg: RunConfig) -> Prepared:
     parse_size(cfg.train.max_mem)
     model_path = resolve_model_path(cfg.model.model)
     run_dir = choose_run_dir(cfg)
-    train_convs, val_convs = get_task(cfg.data.task).build_datasets(cfg.data, cfg.train.seed)
+    task = get_task(cfg.data.task)
+    sft = not hasattr(task, "prepare_training")
+    if sft:  # read the data before the (slow) model load: bad rows fail fast
+        train_convs, val_convs = task.build_datasets(cfg.data, cfg.train.seed)
     weights = check_budget(model_path, cfg, device)
-    print(f"model {cfg.model.model} -> {model_path}; frozen weights ~{format_size(weights)} (--quant {cfg.model.quant})")
+    print(f"model {cfg.model.model} -> {model_path}; frozen weights ~{format_size(weights)} ({cfg.model.quant})")
     tokenizer = load_tokenizer(model_path)
     base = load_base_model(cfg.model, device)
     torch.manual_seed(cfg.train.seed)  # LoRA init from the seed, whatever loading consumed
     model = add_lora(base, cfg.lora, cfg.train.gradient_checkpointing)
     trainable, total = count_parameters(model)
     print(f"LoRA: {trainable:,} trainable parameters ({100 * trainable / max(total, 1):.2f}% of {total:,} stored)")
+    if not sft:
+        return Prepared(model, tokenizer, task.prepare_training(cfg, tokenizer, model), run_dir)
     train = encode(cfg, tokenizer, train_convs, "tokenizing train")
     val = encode(cfg, tokenizer, val_convs, "tokenizing val")
-    return Prepared(model, tokenizer, train, val, [train_convs[i] for i in train.kept],
-                    [val_convs[i] for i in val.kept], run_dir)
+    return Prepared(
+        model, tokenizer, TaskTraining(train.examples, val.examples), run_dir,
+        [train_convs[i] for i in train.kept], [val_convs[i] for i in val.kept],
+    )
 
 
 def train_from_config(cfg: RunConfig) -> tuple[Prepared, FitResult]:
@@ -120,8 +126,10 @@ def train_from_config(cfg: RunConfig) -> tuple[Prepared, FitResult]:
     cfg.save(prepared.run_dir / "config.json")
     # Packed rows are as long as the longest allowed conversation unless set otherwise.
     train_cfg = replace(cfg.train, pack_len=cfg.train.pack_len or cfg.data.max_seq_length)
+    training = prepared.training
     result = fit(
-        prepared.model, prepared.train.examples, prepared.val.examples, train_cfg, run_dir=prepared.run_dir,
-        pad_id=prepared.tokenizer.pad_token_id, run_config=cfg.to_dict(),
+        prepared.model, training.train, training.val, train_cfg, run_dir=prepared.run_dir,
+        pad_id=prepared.tokenizer.pad_token_id, run_config=cfg.to_dict(), loss_fn=training.loss_fn,
+        collate_fn=training.collate_fn,
     )
     return prepared, result

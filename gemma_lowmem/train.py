@@ -30,7 +30,8 @@ from gemma_lowmem.memory import PeakMemory, format_size
 from gemma_lowmem.runlog import MetricsLog, plot_loss_curve
 
 Example = dict[str, list[int]]
-LossFn = Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]
+# loss_fn(model, batch) -> summed loss, or (summed loss, {name: summed 0-dim metric}) for extra logged metrics
+LossFn = Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -120,24 +121,31 @@ def backward_window(
     precision: Any,
     scaler: torch.amp.GradScaler,
     device: torch.device,
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
     """Forward and backward every micro-batch of one accumulation window.
 
     The gradients left in ``.grad`` are those of (sum of token losses) / (loss tokens of the whole window), so
     how the window is split into micro-batches never changes them.
 
     Returns:
-        (summed loss of the window as a 0-dim device tensor, loss tokens in the window).
+        (summed loss of the window as a 0-dim device tensor, loss tokens in the window, summed extra metrics).
     """
     window_tokens = sum(int(b["num_loss_tokens"]) for b in window)  # CPU tensors: no device sync
     window_loss = torch.zeros((), device=device)
+    extras: dict[str, torch.Tensor] = {}
     for batch in window:
         with precision.autocast():
-            loss_sum = loss_fn(model, _to_device(batch, device))
+            loss_sum, metrics = _split(loss_fn(model, _to_device(batch, device)))
         scaler.scale(loss_sum / max(window_tokens, 1)).backward()
         window_loss += loss_sum.detach().float()
+        for name, value in metrics.items():
+            extras[name] = extras.get(name, 0) + value.detach().float()
         del loss_sum  # the graph is freed by backward; drop the last reference too
-    return window_loss, window_tokens
+    return window_loss, window_tokens, extras
+
+
+def _split(output: torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]):
+    return output if isinstance(output, tuple) else (output, {})
 
 
 @torch.no_grad()
@@ -150,7 +158,7 @@ def evaluate_loss(
     total, count = torch.zeros((), device=device), 0
     for batch in batches:
         with precision.autocast():
-            total += loss_fn(model, _to_device(batch, device)).float()
+            total += _split(loss_fn(model, _to_device(batch, device)))[0].float()
         count += int(batch["num_loss_tokens"])  # a CPU tensor: no device sync
     model.train(was_training)
     return total.item() / max(count, 1)  # host sync: once per validation
@@ -277,7 +285,7 @@ def fit(
             for _ in range(cfg.grad_accum):
                 epoch, index, rows = next(stream)
                 window.append(collate_fn([[train[i] for i in row] for row in rows]))
-            window_loss, window_tokens = backward_window(model, window, loss_fn, precision, scaler, device)
+            window_loss, window_tokens, extras = backward_window(model, window, loss_fn, precision, scaler, device)
             scaler.unscale_(optimizer)
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -325,6 +333,8 @@ def fit(
                 record["loss_tokens_per_s"] = (counters["loss_tokens"] - tokens_last) / max(now - t_last, 1e-9)
                 t_last, tokens_last = now, counters["loss_tokens"]
                 record.update(memory.read())
+                # host sync: extra metrics (e.g. DPO reward accuracy) per loss unit, at log steps only
+                record.update({k: v.item() / max(window_tokens, 1) for k, v in extras.items()})
                 log.write(record)
                 bar.set_postfix(
                     loss=f"{loss:.4f}",

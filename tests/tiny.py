@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import Gemma3nTextConfig, Gemma3nForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import Gemma3ForCausalLM, Gemma3nForCausalLM, Gemma3nTextConfig, Gemma3TextConfig
 
 VOCAB = 1000
 

@@ -39,7 +39,10 @@ def _rows_jsonl(path: Path, text: str) -> Iterable[tuple[str, Any]]:
         try:
             yield f"line {line_no}", json.loads(line)
         except json.JSONDecodeError as err:
-            yield f"line {line_no}", UserError(f"{path}: line {line_no}: malformed JSON ({err.msg} at column {err.colno})")
+            yield (
+                f"line {line_no}",
+                UserError(f"{path}: line {line_no}: malformed JSON ({err.msg} at column {err.colno})"),
+            )
 
 
 def _rows_json(path: Path, text: str) -> Iterable[tuple[str, Any]]:

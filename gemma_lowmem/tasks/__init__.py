@@ -1,15 +1,39 @@
 """Tasks: data + prompt template + target rendering + metric, each a small module plugged into the same loop.
 
 An SFT task module provides ``build_datasets(cfg: DataConfig, seed: int) -> (train, val)`` lists of
-:class:`~gemma_lowmem.data.conversation.Conversation`.
+:class:`~gemma_lowmem.data.conversation.Conversation`; the run tokenizes them and trains with the SFT loss.
+A task with another objective (preference pairs) provides instead
+``prepare_training(cfg: RunConfig, tokenizer, model) -> TaskTraining``: its own examples, loss and collation.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 from gemma_lowmem.errors import UserError
+
+
+@dataclass
+class TaskTraining:
+    """What a task with its own objective hands to ``fit``.
+
+    Attributes:
+        train: training examples; each has ``input_ids`` (its length plans batches and packing).
+        val: validation examples (may be empty).
+        loss_fn: ``loss_fn(model, batch) -> summed loss`` (divided by the window's ``num_loss_tokens``);
+            None: the loop's SFT loss.
+        collate_fn: ``collate_fn(rows) -> batch`` with ``num_loss_tokens`` and ``num_tokens``; None: the loop's.
+    """
+
+    train: list[dict[str, Any]]
+    val: list[dict[str, Any]]
+    loss_fn: Callable[..., Any] | None = None
+    collate_fn: Callable[..., dict[str, Any]] | None = None
+
 
 TASKS = {
     "summary_eval": "gemma_lowmem.tasks.summary_eval",

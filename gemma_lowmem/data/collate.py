@@ -1,0 +1,100 @@
+"""Turn rows of token examples into one micro-batch of tensors.
+
+An example is ``{"input_ids": list[int], "labels": list[int]}`` of equal length, labels -100 where no loss is
+taken. The loop feeds ``input_ids``, ``attention_mask`` and (packed) ``position_ids`` to the decoder and takes the
+loss of ``hidden[:, :-1]`` against ``labels[:, 1:]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from gemma_lowmem.data.packing import packed_attention_masks, packed_position_ids
+
+IGNORE_INDEX = -100
+
+
+def _padded_len(longest: int, pad_to_length: int | None, pad_to_multiple_of: int | None) -> int:
+    total = longest
+    if pad_to_length is not None:
+        if pad_to_length < longest:
+            raise ValueError(f"pad_to_length={pad_to_length} is shorter than the longest row ({longest} tokens)")
+        total = pad_to_length
+    if pad_to_multiple_of is not None:
+        total = -(-total // pad_to_multiple_of) * pad_to_multiple_of
+    return total
+
+
+def collate(
+    rows: Sequence[Sequence[dict]],
+    *,
+    pad_id: int,
+    packed: bool,
+    sliding_window: int | None = None,
+    attn_implementation: str = "sdpa",
+    mask_dtype: torch.dtype = torch.float32,
+    pad_to_multiple_of: int | None = None,
+    pad_to_length: int | None = None,
+) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
+    """Right-pad rows into a batch; packed rows also get per-document positions and block-diagonal masks.
+
+    Each document's first label becomes -100: in a packed row it is what the previous document's last token
+    would be trained to predict across the boundary; in an unpacked row the shifted loss never reads it anyway.
+    So the summed loss of a packed row equals the sum over its documents run one by one.
+
+    Args:
+        rows: B rows, each a list of examples (exactly one per row when not packed).
+        pad_id: token id written into pad slots (they carry no loss and, packed, attend only to themselves).
+        packed: rows hold several documents that must not see each other.
+        sliding_window: the model's ``config.sliding_window`` (packed only; None if it has no sliding layers).
+        attn_implementation: "sdpa" or "eager" (packed only: selects boolean or additive masks).
+        mask_dtype: dtype of eager additive masks (the attention scores' dtype).
+        pad_to_multiple_of: round T up to a multiple of this.
+        pad_to_length: pad every row to exactly this T (e.g. pack_len, for fixed shapes); must fit the longest row.
+
+    Returns:
+        ``input_ids`` (B, T) long; ``labels`` (B, T) long with -100 on pads and document starts;
+        ``attention_mask``: unpacked a (B, T) long 1/0 padding mask (the model builds its causal and sliding masks),
+        packed the dict ``{"full_attention", "sliding_attention"}`` of (B, 1, T, T) masks from
+        :func:`packed_attention_masks`; ``position_ids`` (B, T) long, packed only; ``num_loss_tokens``: count of
+        ``labels[:, 1:] != -100`` and ``num_tokens``: count of non-pad tokens, both 0-dim long tensors.
+    """
+    if not rows:
+        raise ValueError("collate needs at least one row")
+    doc_lengths: list[list[int]] = []
+    for b, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"row {b} holds no example")
+        if not packed and len(row) != 1:
+            raise ValueError(f"row {b} holds {len(row)} examples but packed=False allows one per row")
+        for d, ex in enumerate(row):
+            if len(ex["input_ids"]) != len(ex["labels"]) or not ex["input_ids"]:
+                raise ValueError(
+                    f"row {b}, example {d}: input_ids ({len(ex['input_ids'])}) and labels ({len(ex['labels'])}) "
+                    "must have the same non-zero length"
+                )
+        doc_lengths.append([len(ex["input_ids"]) for ex in row])
+    row_lengths = [sum(docs) for docs in doc_lengths]
+    total = _padded_len(max(row_lengths), pad_to_length, pad_to_multiple_of)
+
+    input_ids = torch.full((len(rows), total), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(rows), total), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    for b, row in enumerate(rows):
+        ids = [t for ex in row for t in ex["input_ids"]]
+        labs = [t for ex in row for t in [IGNORE_INDEX, *ex["labels"][1:]]]  # no loss across a document boundary
+        input_ids[b, : row_lengths[b]] = torch.tensor(ids, dtype=torch.long)
+        labels[b, : row_lengths[b]] = torch.tensor(labs, dtype=torch.long)
+
+    batch: dict[str, torch.Tensor | dict[str, torch.Tensor]] = {"input_ids": input_ids, "labels": labels}
+    if packed:
+        batch["position_ids"] = packed_position_ids(doc_lengths, total)
+        batch["attention_mask"] = packed_attention_masks(
+            doc_lengths, total, sliding_window=sliding_window, implementation=attn_implementation, dtype=mask_dtype
+        )
+    else:
+        batch["attention_mask"] = (torch.arange(total)[None, :] < torch.tensor(row_lengths)[:, None]).long()
+    batch["num_loss_tokens"] = (labels[:, 1:] != IGNORE_INDEX).sum()
+    batch["num_tokens"] = torch.tensor(sum(row_lengths), dtype=torch.long)
+    return batch

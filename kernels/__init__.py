@@ -1,0 +1,20 @@
+"""Memory-saving kernels in plain PyTorch, each with a reference implementation that is its specification.
+
+- :func:`linear_cross_entropy`: the LM head's cross-entropy computed a chunk of tokens at a time, so the
+  (tokens, vocab) logits never exist whole (:func:`linear_cross_entropy_ref` is the full-logits version).
+- :class:`Int8Embedding`: a frozen embedding table stored as row-wise int8 (:func:`quantize_rows`) that can
+  stay on the CPU while the model runs elsewhere (:func:`int8_embedding_ref` is the quantize-dequantize version).
+
+Nothing here imports ``gemma_lowmem``.
+"""
+
+from kernels.int8_embedding import Int8Embedding, int8_embedding_ref, quantize_rows
+from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+
+__all__ = [
+    "Int8Embedding",
+    "int8_embedding_ref",
+    "linear_cross_entropy",
+    "linear_cross_entropy_ref",
+    "quantize_rows",
+]

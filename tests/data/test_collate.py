@@ -1,0 +1,200 @@
+"""Collation: shapes, pads and label masking; and a packed row of documents equals the documents run one by one
+(logits, summed loss, LoRA gradients) on tiny Gemma 3 and Gemma 3n under sdpa and eager attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+
+from gemma_lowmem.data.collate import IGNORE_INDEX, collate
+from tests.tiny import VOCAB, tiny_gemma3, tiny_gemma3n
+
+DOC_LENGTHS = (13, 21, 10)  # unequal and all longer than the tiny models' sliding window of 8, so the window matters
+
+
+def make_doc(n: int, prompt: int, gen: torch.Generator) -> dict:
+    ids = torch.randint(3, VOCAB, (n,), generator=gen).tolist()
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]}
+
+
+def make_docs(seed: int = 0) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    return [make_doc(n, prompt, gen) for n, prompt in zip(DOC_LENGTHS, (4, 0, 2))]  # doc 1 has a label at its start
+
+
+# ---- shapes, pads, labels ------------------------------------------------------------------------------------------
+
+
+def test_unpacked_pads_right_and_masks_labels() -> None:
+    a = {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}
+    b = {"input_ids": [9, 10], "labels": [9, 10]}
+    batch = collate([[a], [b]], pad_id=0, packed=False)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8], [-100, 10, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["attention_mask"].dtype == torch.long
+    assert "position_ids" not in batch  # the model counts positions itself; right padding keeps them right
+    assert batch["num_loss_tokens"].item() == 3 and batch["num_tokens"].item() == 6
+
+
+def test_padding_length_options() -> None:
+    a = {"input_ids": [5, 6, 7], "labels": [5, 6, 7]}
+    assert collate([[a]], pad_id=1, packed=False, pad_to_multiple_of=8)["input_ids"].shape == (1, 8)
+    batch = collate([[a, a]], pad_id=1, packed=True, pad_to_length=10, pad_to_multiple_of=4)
+    assert batch["input_ids"].shape == (1, 12) and batch["attention_mask"]["full_attention"].shape == (1, 1, 12, 12)
+    with pytest.raises(ValueError, match="shorter than the longest row"):
+        collate([[a, a]], pad_id=1, packed=True, pad_to_length=5)
+
+
+def test_packed_positions_labels_and_counts() -> None:
+    a = {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}
+    b = {"input_ids": [8, 9], "labels": [8, 9]}
+    c = {"input_ids": [4, 3, 2, 1], "labels": [-100, -100, 2, 1]}
+    batch = collate([[a, b], [c]], pad_id=0, packed=True, sliding_window=2)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 3, 2, 1, 0]]
+    # b's first label (8) would be predicted from a's last token: it must not count.
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9], [-100, -100, 2, 1, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert batch["num_loss_tokens"].item() == 5 and batch["num_tokens"].item() == 9
+    full, sliding = batch["attention_mask"]["full_attention"], batch["attention_mask"]["sliding_attention"]
+    assert full.dtype == torch.bool and full.shape == (2, 1, 5, 5)
+    assert full[0, 0, 3].tolist() == [False, False, False, True, False]  # b's first token sees only itself
+    assert full[0, 0, 2].tolist() == [True, True, True, False, False]
+    assert sliding[0, 0, 2].tolist() == [False, True, True, False, False]  # window 2: keys q-1 and q
+    assert full[1, 0, 4].tolist() == [True] * 5  # a pad sees the row up to itself; no real token sees it
+
+
+def test_eager_masks_take_mask_dtype() -> None:
+    a = {"input_ids": [5, 6, 7], "labels": [5, 6, 7]}
+    batch = collate([[a, a]], pad_id=0, packed=True, attn_implementation="eager", mask_dtype=torch.bfloat16)
+    assert batch["attention_mask"]["full_attention"].dtype == torch.bfloat16
+
+
+def test_rejects_bad_rows() -> None:
+    a = {"input_ids": [5, 6], "labels": [5, 6]}
+    with pytest.raises(ValueError, match="row 0 holds 2 examples"):
+        collate([[a, a]], pad_id=0, packed=False)
+    with pytest.raises(ValueError, match="row 1, example 0"):
+        collate([[a], [{"input_ids": [1, 2], "labels": [1]}]], pad_id=0, packed=False)
+    with pytest.raises(ValueError, match="row 0 holds no example"):
+        collate([[]], pad_id=0, packed=True)
+
+
+# ---- packed == one by one on tiny Gemma models --------------------------------------------------------------------
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loop's objective before normalisation: position t predicts labels[t + 1]."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def packed_batch(model: torch.nn.Module, docs: list[dict], implementation: str) -> dict:
+    # Row 0 packs all three documents; row 1 packs two of them and has a pad tail, so pads and B > 1 are exercised.
+    return collate([docs, docs[1:]], pad_id=0, packed=True, sliding_window=model.config.sliding_window,
+                   attn_implementation=implementation)
+
+
+def forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    # use_cache=False as in training; the dict mask does not depend on it.
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch.get("position_ids"), use_cache=False).logits
+
+
+MODELS = {"gemma3": tiny_gemma3, "gemma3n": tiny_gemma3n}
+CASES = [(name, impl) for name in MODELS for impl in ("sdpa", "eager")]
+
+
+@pytest.mark.parametrize(("name", "implementation"), CASES)
+def test_packed_logits_and_loss_equal_one_by_one(name: str, implementation: str) -> None:
+    model = MODELS[name](attn_implementation=implementation)
+    docs = make_docs()
+    batch = packed_batch(model, docs, implementation)
+    with torch.no_grad():
+        packed = forward(model, batch)  # (2, T, V)
+        singles = [model(input_ids=torch.tensor([d["input_ids"]])).logits for d in docs]  # each (1, n, V)
+    assert torch.isfinite(packed).all()  # pad rows included
+    start = 0
+    for doc, single in zip(docs, singles):
+        n = len(doc["input_ids"])
+        torch.testing.assert_close(packed[0, start : start + n], single[0], atol=1e-5, rtol=1e-5)
+        start += n
+    start = 0
+    for doc, single in zip(docs[1:], singles[1:]):
+        n = len(doc["input_ids"])
+        torch.testing.assert_close(packed[1, start : start + n], single[0], atol=1e-5, rtol=1e-5)
+        start += n
+    reference = sum(summed_loss(s, torch.tensor([d["labels"]])) for d, s in zip(docs, singles))
+    torch.testing.assert_close(summed_loss(packed[:1], batch["labels"][:1]), reference, atol=1e-4, rtol=1e-6)
+    loss_tokens = sum(t != IGNORE_INDEX for d in [*docs, *docs[1:]] for t in d["labels"][1:])
+    assert batch["num_loss_tokens"].item() == loss_tokens
+
+
+@pytest.mark.parametrize(("name", "implementation"), CASES)
+def test_packed_lora_gradients_equal_one_by_one(name: str, implementation: str) -> None:
+    model = get_peft_model(
+        MODELS[name](attn_implementation=implementation),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in n for n in lora)
+    docs = make_docs(seed=2)
+    batch = packed_batch(model, docs, implementation)
+
+    # Row 1's pad tail is the NaN trap on Gemma 3n: a pad that saw only pads would keep a zero hidden state.
+    packed_loss = summed_loss(forward(model, batch), batch["labels"])
+    packed_grads = torch.autograd.grad(packed_loss, list(lora.values()))
+    single_loss = sum(  # row 0 holds all documents, row 1 the last two
+        summed_loss(model(input_ids=torch.tensor([d["input_ids"]])).logits, torch.tensor([d["labels"]]))
+        for d in [*docs, *docs[1:]]
+    )
+    single_grads = torch.autograd.grad(single_loss, list(lora.values()))
+
+    torch.testing.assert_close(packed_loss, single_loss, atol=1e-4, rtol=1e-6)
+    for n, g_packed, g_single in zip(lora, packed_grads, single_grads):
+        assert g_single.abs().max() > 0, n  # B != 0, so every LoRA factor gets a gradient
+        torch.testing.assert_close(g_packed, g_single, atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize(("name", "implementation"), CASES)
+def test_unpacked_padded_batch_equals_one_by_one(name: str, implementation: str) -> None:
+    """Right padding longer than the sliding window: real-token logits, loss and LoRA gradients are unchanged."""
+    model = get_peft_model(
+        MODELS[name](attn_implementation=implementation),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    lora = list(p for p in model.parameters() if p.requires_grad)
+    gen = torch.Generator().manual_seed(3)
+    docs = [make_doc(30, 5, gen), make_doc(6, 2, gen)]  # row 1 gets a 24-token pad tail
+    batch = collate([[d] for d in docs], pad_id=0, packed=False)
+    logits = forward(model, batch)
+    singles = [model(input_ids=torch.tensor([d["input_ids"]])).logits for d in docs]
+    for b, (doc, single) in enumerate(zip(docs, singles)):
+        torch.testing.assert_close(logits[b, : len(doc["input_ids"])], single[0], atol=1e-5, rtol=1e-5)
+    loss = summed_loss(logits, batch["labels"])
+    reference = sum(summed_loss(s, torch.tensor([d["labels"]])) for d, s in zip(docs, singles))
+    torch.testing.assert_close(loss, reference, atol=1e-4, rtol=1e-6)
+    for g_batch, g_single in zip(torch.autograd.grad(loss, lora), torch.autograd.grad(reference, lora)):
+        torch.testing.assert_close(g_batch, g_single, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_controls_that_must_fail(implementation: str) -> None:
+    """Without the per-layer-type masks, packed logits differ: the equality tests above can fail."""
+    model = tiny_gemma3(attn_implementation=implementation)
+    docs = make_docs()
+    batch = packed_batch(model, docs, implementation)
+    with torch.no_grad():
+        good = forward(model, batch)
+        # Restarting positions with a 2D padding mask: documents see each other.
+        two_d = model(input_ids=batch["input_ids"], attention_mask=(batch["input_ids"] != 0).long(),
+                      position_ids=batch["position_ids"], use_cache=False).logits
+        # One mask for every layer: the sliding layers lose their window.
+        full = batch["attention_mask"]["full_attention"]
+        one_mask = forward(model, {**batch, "attention_mask": {"full_attention": full, "sliding_attention": full}})
+    later = slice(DOC_LENGTHS[0], sum(DOC_LENGTHS))  # the 2nd and 3rd documents of row 0
+    assert (two_d[0, later] - good[0, later]).abs().max() > 1e-2
+    assert (one_mask[0] - good[0]).abs().max() > 1e-2
