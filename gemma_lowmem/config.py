@@ -6,7 +6,6 @@ configuration is saved as JSON with every run and checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -201,7 +200,7 @@ class RunConfig:
             for key, value in values.items():
                 if key not in known:
                     raise UserError(f"{source}: unknown key '{name}.{key}'; known: {', '.join(known)}")
-                _check_type(f"{source}: {name}.{key}", value, known[key].default)
+                _check_type(f"{source}: {name}.{key}", value, known[key].type)
             parts[name] = section_cls(**values)
         return cls(**parts)
 
@@ -226,14 +225,16 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}
 
 
-def _check_type(where: str, value: Any, default: Any) -> None:
-    if default is None or default is dataclasses.MISSING or value is None:
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _check_type(where: str, value: Any, annotation: str) -> None:
+    """Check a config value against its field annotation (``int``, ``float | None``, ``list[str]``...)."""
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if value is None and "None" in kinds:
         return
-    expected = float if isinstance(default, float) else type(default)
-    ok = (
-        isinstance(value, (int, float)) and not isinstance(value, bool)
-        if expected is float
-        else isinstance(value, expected)
-    )
+    base = kinds[0]
+    expected = (list,) if base.startswith("list") else _TYPES.get(base, (object,))
+    ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)
     if not ok:
-        raise UserError(f"{where}={value!r} has the wrong type: expected {expected.__name__}")
+        raise UserError(f"{where}={value!r} has the wrong type: expected {base}")

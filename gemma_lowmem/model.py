@@ -91,14 +91,15 @@ def load_tokenizer(path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:
-        raise UserError(_offline_hint(path, err)) from None
+        raise UserError(offline_hint(path, err)) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
 
 
-def _offline_hint(path: str, err: Exception) -> str:
+def offline_hint(path: str, err: Exception) -> str:
+    """One line for a model that could not be loaded, naming the offline alternatives."""
     return (
         f"cannot load '{path}' ({str(err).splitlines()[0]}). Offline? Try --demo (bundled Gemma 3 270M) "
         "or --model PATH (a local model folder or .gguf file)"
@@ -124,7 +125,7 @@ def _text_only(path: str) -> dict:
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as err:
-        raise UserError(_offline_hint(path, err)) from None
+        raise UserError(offline_hint(path, err)) from None
     except ValueError as err:
         raise UserError(f"{path}: unsupported model config ({str(err).splitlines()[0]})") from None
     text_config = getattr(config, "text_config", None)
@@ -151,7 +152,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
             path, dtype=dtype, attn_implementation=cfg.attn_implementation, **kwargs
         )
     except OSError as err:
-        raise UserError(_offline_hint(path, err)) from None
+        raise UserError(offline_hint(path, err)) from None
     if quant is None:
         model.to(device)
     model.requires_grad_(False)

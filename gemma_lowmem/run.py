@@ -17,13 +17,22 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
+from gemma_lowmem.checkpoint import find_checkpoint
 from gemma_lowmem.config import RunConfig
 from gemma_lowmem.data.conversation import Conversation
 from gemma_lowmem.data.tokenize import EncodedSet, encode_conversations
 from gemma_lowmem.device import default_device, weight_dtype
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.memory import estimate_weight_bytes, format_size, parse_size
-from gemma_lowmem.model import CACHE, add_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path
+from gemma_lowmem.model import (
+    CACHE,
+    add_lora,
+    count_parameters,
+    load_base_model,
+    load_tokenizer,
+    offline_hint,
+    resolve_model_path,
+)
 from gemma_lowmem.tasks import TaskTraining, get_task
 from gemma_lowmem.train import FitResult, fit
 
@@ -54,7 +63,10 @@ def choose_run_dir(cfg: RunConfig) -> Path:
 def check_budget(model_path: str, cfg: RunConfig, device: torch.device) -> int:
     """Refuse a ``--max-mem`` that the frozen weights alone exceed; returns the weights' estimated bytes."""
     budget = parse_size(cfg.train.max_mem)
-    model_config = AutoConfig.from_pretrained(model_path)
+    try:
+        model_config = AutoConfig.from_pretrained(model_path)
+    except OSError as err:
+        raise UserError(offline_hint(model_path, err)) from None
     model_config = getattr(model_config, "text_config", None) or model_config
     dtype_bytes = torch.finfo(weight_dtype(device, cfg.model.dtype)).bits // 8
     weights = estimate_weight_bytes(model_config, cfg.model.quant, dtype_bytes)
@@ -97,11 +109,13 @@ def setup(cfg: RunConfig) -> Prepared:
     parse_size(cfg.train.max_mem)
     model_path = resolve_model_path(cfg.model.model)
     run_dir = choose_run_dir(cfg)
+    if cfg.train.resume:
+        find_checkpoint(cfg.train.resume)  # fail now, not after the model has loaded
     task = get_task(cfg.data.task)
+    weights = check_budget(model_path, cfg, device)  # reads the model config: an offline hub id fails here
     sft = not hasattr(task, "prepare_training")
     if sft:  # read the data before the (slow) model load: bad rows fail fast
         train_convs, val_convs = task.build_datasets(cfg.data, cfg.train.seed)
-    weights = check_budget(model_path, cfg, device)
     print(f"model {cfg.model.model} -> {model_path}; frozen weights ~{format_size(weights)} ({cfg.model.quant})")
     tokenizer = load_tokenizer(model_path)
     base = load_base_model(cfg.model, device)

@@ -1,0 +1,145 @@
+"""scripts/train.py on bad input: one clear ``error:`` line, exit code 2, and no half-written output."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from gemma_lowmem.cli import build_parser, config_from_args
+from gemma_lowmem.config import RunConfig
+from tests.tiny import tiny_gemma3, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_train(argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id fails at once instead of retrying the network
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "scripts" / "train.py"), run_name="__main__")
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_gemma3().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def assert_one_error_line(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_model_path(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    code, err = run_train(["--demo", "--model", str(tmp_path / "nowhere"), "--output-dir", str(out)], capsys,
+                          monkeypatch)
+    assert_one_error_line(code, err, "nowhere", "no such local path")
+    assert not out.exists()
+
+
+def test_unknown_model_name(capsys, monkeypatch):
+    code, err = run_train(["--model", "not-a-model"], capsys, monkeypatch)
+    assert_one_error_line(code, err, "not-a-model", "gemma-3-270m")
+
+
+def test_offline_hub_id_names_demo_and_model_path(tmp_path, capsys, monkeypatch):
+    code, err = run_train(["--output-dir", str(tmp_path / "run")], capsys, monkeypatch)
+    assert_one_error_line(code, err, "--demo", "--model PATH")
+    assert not (tmp_path / "run").exists()
+
+
+def test_gguf_of_unsupported_architecture(tmp_path, capsys, monkeypatch):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), "no-such-arch")
+    writer.add_tensor("w", __import__("numpy").zeros((2, 2), dtype="float32"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    monkeypatch.setattr("gemma_lowmem.model.CACHE", tmp_path / "cache")
+    code, err = run_train(["--model", str(path)], capsys, monkeypatch)
+    assert_one_error_line(code, err, "odd.gguf", "cannot load this GGUF")
+    assert not (tmp_path / "cache" / "converted").exists() or not any((tmp_path / "cache" / "converted").iterdir())
+
+
+def test_max_mem_that_is_not_a_size(capsys, monkeypatch):
+    code, err = run_train(["--demo", "--max-mem", "lots"], capsys, monkeypatch)
+    assert_one_error_line(code, err, "'lots'", "8GB")
+
+
+def test_max_mem_below_the_weights(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    code, err = run_train(["--demo", "--model", str(tiny_model_dir), "--quant", "none", "--max-mem", "10KB",
+                           "--output-dir", str(tmp_path / "run")], capsys, monkeypatch)
+    assert_one_error_line(code, err, "below the model's frozen weights", "give at least")
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_dir_that_is_a_file(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    code, err = run_train(["--demo", "--model", str(tiny_model_dir), "--output-dir", str(blocker)], capsys,
+                          monkeypatch)
+    assert_one_error_line(code, err, "file.txt", "not a folder")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_resume_from_a_folder_that_is_not_a_checkpoint(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    code, err = run_train(["--demo", "--model", str(tiny_model_dir), "--resume", str(tmp_path)], capsys,
+                          monkeypatch)
+    assert_one_error_line(code, err, "--resume", "not a checkpoint")
+
+
+def test_unknown_task(tiny_model_dir, capsys, monkeypatch):
+    code, err = run_train(["--demo", "--model", str(tiny_model_dir), "--task", "poetry"], capsys, monkeypatch)
+    assert_one_error_line(code, err, "unknown task 'poetry'")
+
+
+def test_config_file_with_unknown_key_or_wrong_type(tmp_path, capsys, monkeypatch):
+    bad_key = tmp_path / "a.json"
+    bad_key.write_text(json.dumps({"train": {"learning_rate": 1e-4}}))
+    code, err = run_train(["--config", str(bad_key)], capsys, monkeypatch)
+    assert_one_error_line(code, err, "a.json", "train.learning_rate")
+    bad_type = tmp_path / "b.json"
+    bad_type.write_text(json.dumps({"train": {"lr": "fast"}}))
+    code, err = run_train(["--config", str(bad_type)], capsys, monkeypatch)
+    assert_one_error_line(code, err, "b.json", "train.lr", "wrong type")
+
+
+def test_precedence_defaults_preset_config_flags(tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"train": {"epochs": 7}, "data": {"lang": "en"}}))
+    parser = build_parser("test")
+    cfg = config_from_args(parser.parse_args(["--preset", "high_lr", "--config", str(config), "--epochs", "2",
+                                              "--lora-r", "8", "--no-packing", "--max-steps", "none"]))
+    assert cfg.train.lr == 5e-4  # preset
+    assert cfg.data.lang == "en"  # config file
+    assert cfg.train.epochs == 2  # flag beats config file
+    assert cfg.lora.r == 8 and cfg.train.packing is False and cfg.train.max_steps is None
+    assert cfg.data.max_train_samples == 2000  # preset value equal to the default
+
+
+def test_config_round_trip(tmp_path):
+    cfg = RunConfig()
+    cfg.save(tmp_path / "c.json")
+    assert RunConfig.load(tmp_path / "c.json") == cfg
+
+
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit):
+        build_parser("test").parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--quant", "--lora-r", "--task", "--lang", "--max-mem", "--grad-accum", "--packing",
+                 "--resume", "--push-to-hub", "--preset", "--config"):
+        assert flag in text
