@@ -28,6 +28,7 @@ DEMO: dict[str, dict[str, Any]] = {
     "model": {"model": "gemma-3-270m"},
     "data": {"demo": True, "max_seq_length": 1024},
     "train": {"epochs": 2, "lr": 3e-4, "batch_size": 2, "grad_accum": 2, "eval_every": 10, "save_every": 20},
+    "eval": {"evaluate": True},
 }
 
 
@@ -86,25 +87,27 @@ def build_parser(description: str, extra: Callable[[argparse.ArgumentParser], No
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Merge defaults, preset, config file and flags into a validated ``RunConfig``."""
+def given_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """What the command line sets, as nested sections: --demo, then --preset, --config, then the flags given."""
     merged: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-
-    def overlay(values: dict[str, dict[str, Any]]) -> None:
-        for section, items in values.items():
-            merged[section].update(items)
-
     given = {k: v for k, v in vars(args).items() if "." in k}
-    if given.get("data.demo"):
-        overlay(DEMO)
+    layers = [DEMO] if given.get("data.demo") else []
     if args.preset:
-        overlay(PRESETS[args.preset])
+        layers.append(PRESETS[args.preset])
     if args.config:
-        overlay(read_config_file(args.config))
+        layers.append(read_config_file(args.config))
+    for layer in layers:
+        for section, items in layer.items():
+            merged[section].update(items)
     for key, value in given.items():
         section, name = key.split(".", 1)
         merged[section][name] = value
-    return RunConfig.from_dict(merged, source="command line")
+    return merged
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Merge defaults, preset, config file and flags into a validated ``RunConfig``."""
+    return RunConfig.from_dict(given_settings(args), source="command line")
 
 
 def run_script(main: Callable[[], Any]) -> None:

@@ -167,6 +167,22 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Generation-based evaluation: after training (the demo does it) and in scripts/evaluate.py."""
+
+    evaluate: bool = _f(False, "after training, generate answers for the validation set and write a report (eval/)")
+    max_new_tokens: int = _f(384, "longest generated answer in tokens")
+    gen_batch_size: int = _f(8, "prompts per generation batch")
+    report_examples: int = _f(5, "examples shown in report.md")
+
+    def __post_init__(self) -> None:
+        _check_positive("max_new_tokens", self.max_new_tokens)
+        _check_positive("gen_batch_size", self.gen_batch_size)
+        if self.report_examples < 0:
+            raise UserError(f"report_examples={self.report_examples!r} must be >= 0")
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; saved as ``config.json`` in the run folder and in each checkpoint."""
 
@@ -174,6 +190,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -222,7 +239,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
+}
 
 
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from gemma_lowmem.data.conversation import Conversation
 from gemma_lowmem.data.tokenize import EncodedSet, encode_conversations
 from gemma_lowmem.device import default_device, weight_dtype
 from gemma_lowmem.errors import UserError
+from gemma_lowmem.evaluate import evaluate_model, evaluate_systems
+from gemma_lowmem.evaluation.report import write_report
 from gemma_lowmem.memory import estimate_weight_bytes, format_size, parse_size
 from gemma_lowmem.model import (
     CACHE,
@@ -149,6 +151,27 @@ def train_from_config(cfg: RunConfig) -> tuple[Prepared, FitResult]:
     if cfg.train.push_to_hub:
         push_adapter(prepared.model, cfg.train.push_to_hub)
     return prepared, result
+
+
+def evaluate_after_training(cfg: RunConfig, prepared: Prepared) -> Path | None:
+    """Generate answers for the validation conversations with the base model (adapter off) and the trained
+    adapter, score them with the task's metrics and write ``eval/report.md``; None when the task has no
+    generation metrics or there is no validation data."""
+    task = get_task(cfg.data.task)
+    if not (hasattr(task, "score_outputs") and prepared.val_conversations):
+        return None
+
+    def evaluate(model: torch.nn.Module) -> dict[str, Any]:
+        return evaluate_model(
+            model, prepared.tokenizer, prepared.val_conversations, task, max_new_tokens=cfg.eval.max_new_tokens,
+            batch_size=cfg.eval.gen_batch_size, system_role=cfg.model.system_role, examples=cfg.eval.report_examples,
+        )
+
+    systems = evaluate_systems(prepared.model, True, evaluate)
+    report = {"settings": {"task": cfg.data.task, "model": cfg.model.model, "eval": asdict(cfg.eval)},
+              "systems": systems}
+    _, md_path = write_report(report, prepared.run_dir / "eval", f"Evaluation after training: {cfg.data.task}")
+    return md_path
 
 
 def push_adapter(model: torch.nn.Module, repo: str) -> None:

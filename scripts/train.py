@@ -8,7 +8,7 @@ Examples:
 """
 
 from gemma_lowmem.cli import build_parser, config_from_args, run_script
-from gemma_lowmem.run import train_from_config
+from gemma_lowmem.run import evaluate_after_training, train_from_config
 
 
 def main() -> None:
@@ -23,6 +23,9 @@ def main() -> None:
         + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in result.peak_memory.items())
     )
     print(f"adapter: {prepared.run_dir / 'adapter'}  summary: {prepared.run_dir / 'summary.json'}")
+    if cfg.eval.evaluate:
+        report = evaluate_after_training(cfg, prepared)
+        print(f"evaluation report: {report}" if report else f"task {cfg.data.task}: no generation metrics to report")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 
 from gemma_lowmem.data.records import read_records
 from gemma_lowmem.errors import UserError
+from gemma_lowmem.evaluation.metrics import kendall_tau, spearman
 
 HUMAN_DIMENSIONS = ("coherence", "consistency", "fluency", "relevance")
 FIELDS = ("doc_id", "system_id", "article", "summary", "references", *HUMAN_DIMENSIONS)
@@ -104,67 +105,17 @@ def read_judgments(path: str | Path) -> list[Judgment]:
             ids.append(str(value))
         if not isinstance(record["summary"], str):
             raise UserError(f"{where}: field 'summary' must be text, got {type(record['summary']).__name__}")
-        key = (ids[0], ids[1])
-        if key in seen:
-            raise UserError(f"{where}: doc_id {ids[0]!r} with system_id {ids[1]!r} was already given at "
-                            f"{seen[key]}; keep one row per (doc_id, system_id)")
-        seen[key] = f"line {line}"
         judgments.append(Judgment(
             doc_id=ids[0], system_id=ids[1], article=record["article"], summary=record["summary"],
             reference=_first_reference(record["references"], where),
             ratings={name: _rating(record[name], name, where) for name in HUMAN_DIMENSIONS}, where=where,
         ))
+        key = (ids[0], ids[1])
+        if key in seen:
+            raise UserError(f"{where}: doc_id {ids[0]!r} with system_id {ids[1]!r} was already given at "
+                            f"{seen[key]}; keep one row per (doc_id, system_id)")
+        seen[key] = f"line {line}"
     return judgments
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties sharing their mean rank."""
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(1, len(x) + 1)
-    for value in np.unique(x):
-        tied = x == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Spearman's rho (Pearson correlation of the tie-averaged ranks); None when undefined.
-
-    Args:
-        x: first scores.
-        y: second scores, same length.
-
-    Returns:
-        Rho in [-1, 1], or None with fewer than 2 pairs or a constant side.
-    """
-    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if len(a) < 2:
-        return None
-    ra, rb = _ranks(a) - (len(a) + 1) / 2, _ranks(b) - (len(b) + 1) / 2  # centred ranks (mean rank is (n+1)/2)
-    denom = math.sqrt(float(ra @ ra) * float(rb @ rb))
-    return float(np.clip(float(ra @ rb) / denom, -1.0, 1.0)) if denom > 0 else None
-
-
-def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Kendall's tau-b (ties corrected, as scipy's default); None when undefined.
-
-    Args:
-        x: first scores.
-        y: second scores, same length.
-
-    Returns:
-        Tau in [-1, 1], or None with fewer than 2 pairs or a constant side.
-    """
-    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if len(a) < 2:
-        return None
-    i, j = np.triu_indices(len(a), k=1)  # every pair once; n is the systems of one document (tens)
-    sa, sb = np.sign(a[j] - a[i]), np.sign(b[j] - b[i])
-    untied_a, untied_b = np.count_nonzero(sa), np.count_nonzero(sb)
-    if untied_a == 0 or untied_b == 0:
-        return None
-    return float(np.clip(float(sa @ sb) / math.sqrt(untied_a * untied_b), -1.0, 1.0))
 
 
 def summary_level_correlations(

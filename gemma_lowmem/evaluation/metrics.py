@@ -58,6 +58,17 @@ def _kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float | None:
     return float(np.clip(concordance / math.sqrt(untied_x * untied_y), -1.0, 1.0))
 
 
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rho (Pearson correlation of tie-averaged ranks); None with < 2 pairs or a constant side."""
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    return _pearson(_average_ranks(a), _average_ranks(b)) if len(a) >= 2 else None
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Kendall's tau-b (ties corrected, as scipy's default); None with < 2 pairs or a constant side."""
+    return _kendall_tau_b(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+
+
 def quadratic_weighted_kappa(a: Sequence[int], b: Sequence[int], min_rating: int, max_rating: int) -> float | None:
     """Cohen's kappa with quadratic weights between two raters' integer ratings.
 
@@ -132,8 +143,8 @@ def agreement(pred: Sequence[float | None], target: Sequence[float], max_score: 
     out["mae"] = float(np.abs(err).mean()) if n_valid else None
     out["rmse"] = float(np.sqrt((err**2).mean())) if n_valid else None
     out["pearson"] = _pearson(pv, tv)
-    out["spearman"] = _pearson(_average_ranks(pv), _average_ranks(tv)) if n_valid >= 2 else None
-    out["kendall_tau"] = _kendall_tau_b(pv, tv)
+    out["spearman"] = spearman(pv, tv)
+    out["kendall_tau"] = kendall_tau(pv, tv)
     out["qwk"] = quadratic_weighted_kappa(_bins(pv, max_score), _bins(tv, max_score), 0, 10) if n_valid >= 2 else None
     return out
 

@@ -32,7 +32,7 @@ _SINGLE = "value"  # column header of a one-system report
 
 
 def _jsonable(value: Any) -> Any:
-    """A copy that ``json.dumps`` writes as strict JSON: NaN and infinities become None, numpy values Python ones."""
+    """A strict-JSON copy: NaN and infinities become None, numpy values Python ones, paths strings."""
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -215,6 +215,7 @@ def plot(spec: dict[str, Any], path: str | Path) -> Path:
                 positions = [i + (s - (len(series) - 1) / 2) * width for i in range(len(labels))]
                 ax.bar(positions, _numbers(values), width=width, label=str(name))
             ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+            ax.set_xlim(-0.5, len(labels) - 0.5)  # all groups in view, also when a series is all gaps
             if len(series) > 1:
                 ax.legend()
             ax.grid(axis="y", alpha=0.3)
