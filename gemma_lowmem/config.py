@@ -85,7 +85,10 @@ class LoraConfig:
 class DataConfig:
     """Which task and data, and how conversations become token rows."""
 
-    task: str = _f("summary_eval", "task: summary_eval, topic, essay, preference")
+    task: str = _f(
+        "summary_eval",
+        "task: summary_eval, topic, topic_grade, essay, essay_write, preference (DPO), preference_sft",
+    )
     data: str | None = _f(
         None, "data: a local JSONL/CSV/Parquet file, or a hub data set id (default: the task's hub set)"
     )
@@ -140,6 +143,9 @@ class TrainConfig:
     packing: bool = _f(True, "pack conversations into full rows (attention never crosses a conversation)")
     pack_len: int | None = _f(None, "tokens per packed row (none: the data's max_seq_length)")
     bucketing: bool = _f(True, "without packing: batch conversations of similar length (less padding)")
+    dpo_beta: float = _f(0.1, "preference task: DPO/IPO beta, how strongly the policy is held to the reference")
+    dpo_loss: str = _f("sigmoid", "preference task: sigmoid (DPO) or ipo", choices=("sigmoid", "ipo"))
+    dpo_label_smoothing: float = _f(0.0, "preference task: conservative DPO, chance a pair's labels are flipped")
     max_bad_steps: int = _f(5, "stop after this many optimizer steps in a row with a non-finite loss or gradient")
     eval_every: int = _f(50, "validation loss every N optimizer steps (0: only at the end)")
     early_stopping_patience: int | None = _f(None, "stop after N validations without improvement (none: off)")
@@ -164,6 +170,10 @@ class TrainConfig:
         _check_positive("keep_checkpoints", self.keep_checkpoints)
         _check_positive("pack_len", self.pack_len, allow_none=True)
         _check_positive("max_bad_steps", self.max_bad_steps)
+        _check_positive("dpo_beta", self.dpo_beta)
+        _check_choice("dpo_loss", self.dpo_loss, ("sigmoid", "ipo"))
+        if not 0 <= self.dpo_label_smoothing < 0.5:
+            raise UserError(f"dpo_label_smoothing={self.dpo_label_smoothing!r} must be in [0, 0.5)")
 
 
 @dataclass

@@ -115,9 +115,9 @@ def setup(cfg: RunConfig) -> Prepared:
         find_checkpoint(cfg.train.resume)  # fail now, not after the model has loaded
     task = get_task(cfg.data.task)
     weights = check_budget(model_path, cfg, device)  # reads the model config: an offline hub id fails here
-    sft = not hasattr(task, "prepare_training")
-    if sft:  # read the data before the (slow) model load: bad rows fail fast
-        train_convs, val_convs = task.build_datasets(cfg.data, cfg.train.seed)
+    prepare = getattr(task, "prepare_training", None)
+    # Read SFT data before the (slow) model load, so bad rows fail fast.
+    conversations = None if prepare else task.build_datasets(cfg.data, cfg.train.seed)
     print(f"model {cfg.model.model} -> {model_path}; frozen weights ~{format_size(weights)} ({cfg.model.quant})")
     tokenizer = load_tokenizer(model_path)
     base = load_base_model(cfg.model, device)
@@ -125,8 +125,10 @@ def setup(cfg: RunConfig) -> Prepared:
     model = add_lora(base, cfg.lora, cfg.train.gradient_checkpointing)
     trainable, total = count_parameters(model)
     print(f"LoRA: {trainable:,} trainable parameters ({100 * trainable / max(total, 1):.2f}% of {total:,} stored)")
-    if not sft:
-        return Prepared(model, tokenizer, task.prepare_training(cfg, tokenizer, model), run_dir)
+    training = prepare(cfg, tokenizer, model) if prepare else None
+    if training is not None:
+        return Prepared(model, tokenizer, training, run_dir)
+    train_convs, val_convs = conversations or task.build_datasets(cfg.data, cfg.train.seed)
     train = encode(cfg, tokenizer, train_convs, "tokenizing train")
     val = encode(cfg, tokenizer, val_convs, "tokenizing val")
     return Prepared(

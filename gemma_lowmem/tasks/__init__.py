@@ -2,8 +2,9 @@
 
 An SFT task module provides ``build_datasets(cfg: DataConfig, seed: int) -> (train, val)`` lists of
 :class:`~gemma_lowmem.data.conversation.Conversation`; the run tokenizes them and trains with the SFT loss.
-A task with another objective (preference pairs) provides instead
-``prepare_training(cfg: RunConfig, tokenizer, model) -> TaskTraining``: its own examples, loss and collation.
+A task with another objective (preference pairs) also provides
+``prepare_training(cfg: RunConfig, tokenizer, model) -> TaskTraining | None``: its own examples, loss and
+collation (None: train SFT on ``build_datasets`` after all).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class TaskTraining:
 
 TASKS = {
     "summary_eval": "gemma_lowmem.tasks.summary_eval",
+    "preference": "gemma_lowmem.tasks.preference",
+    "preference_sft": "gemma_lowmem.tasks.preference",
 }
 
 
