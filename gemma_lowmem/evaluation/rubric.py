@@ -167,7 +167,7 @@ _LABEL_RE = {
 }
 
 # Full-width digits and punctuation, and the Unicode minus, to ASCII; one character to one, so offsets hold.
-_FULLWIDTH = str.maketrans("０１２３４５６７８９／：．－（）｜＝−", "0123456789/:.-()|=-")
+FULLWIDTH = str.maketrans("０１２３４５６７８９／：．－（）｜＝−", "0123456789/:.-()|=-")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Parsing: numbers
@@ -224,7 +224,7 @@ class _Event:
     inline: str | None = None
 
 
-def _clean(line: str) -> str:
+def strip_markdown(line: str) -> str:
     """Drop Markdown decoration: bold stars, heading marks, bullets, numbering, opening quotes."""
     line = line.replace("*", "").strip()
     while True:
@@ -251,7 +251,7 @@ def _comment(text: str) -> str | None:
     return text or None
 
 
-def _value_at(rest: str) -> tuple[float, float | None, int] | None:
+def score_at(rest: str) -> tuple[float, float | None, int] | None:
     """A score at the start of ``rest``: (value, written maximum, end offset)."""
     m = _MAX_FIRST_RE.match(rest)
     if m:
@@ -284,7 +284,7 @@ def _parse_after_label(line_no: int, name: str, rest_norm: str, rest_raw: str, w
     prose_like = weak and not (paren_max or paren_score or _EXPLICIT_SEP_RE.search(rest_norm[sep_start:pos]))
     if m := _SCORE_WORD_RE.match(rest_norm, pos):  # "정확성 점수: 24", {"score": 24}
         pos = _SEP_RE.match(rest_norm, m.end()).end()
-    found = _value_at(rest_norm[pos:])
+    found = score_at(rest_norm[pos:])
     if prose_like and (found is None or found[1] is None):
         return [_Event(line_no, name, "label")] if not rest_norm[pos:].strip() else []
     if found:
@@ -316,12 +316,12 @@ def _parse_table_row(
     line_no: int, raw_cells: list[str], roles: dict[str, int], columns: dict[int, str]
 ) -> list[_Event]:
     """Read one Markdown table row; ``roles`` and ``columns`` come from the header row."""
-    cells = [_clean(c) for c in raw_cells]
-    norm = [c.translate(_FULLWIDTH) for c in cells]
+    cells = [strip_markdown(c) for c in raw_cells]
+    norm = [c.translate(FULLWIDTH) for c in cells]
     if columns:  # transposed table: labels in the header, scores in the row
         events = []
         for i, name in columns.items():
-            if i < len(norm) and (found := _value_at(norm[i])):
+            if i < len(norm) and (found := score_at(norm[i])):
                 events.append(_Event(line_no, name, "score", found[0], found[1]))
         return events
     label = _match_label(norm[0], _SCORE_FIELDS) if norm else None
@@ -330,7 +330,7 @@ def _parse_table_row(
     name, end = label
     if "score" in roles:
         i = roles["score"]
-        found = _value_at(norm[i].strip()) if i < len(norm) else None
+        found = score_at(norm[i].strip()) if i < len(norm) else None
         if found is None:
             return []
         value, written, _ = found
@@ -346,12 +346,12 @@ def _parse_table_row(
     if any(e.kind == "score" for e in events):
         return events
     for i in range(1, len(norm)):
-        found = _value_at(norm[i].strip())
+        found = score_at(norm[i].strip())
         if found is None:
             continue
         value, written, _ = found
         rest = list(range(i + 1, len(norm)))
-        if written is None and rest and (nxt := _value_at(norm[rest[0]].strip())) is not None:
+        if written is None and rest and (nxt := score_at(norm[rest[0]].strip())) is not None:
             written = nxt[0]
             rest = rest[1:]
         comment = next((_comment(cells[j]) for j in rest if _comment(cells[j])), None)
@@ -398,7 +398,7 @@ def _scan_lines(raw_lines: list[str]) -> list[_Event]:
             cells = _table_cells(stripped)
             if all(_TABLE_SEP_CELL_RE.fullmatch(c) for c in cells):
                 continue
-            header = _table_header([_clean(c).translate(_FULLWIDTH) for c in cells])
+            header = _table_header([strip_markdown(c).translate(FULLWIDTH) for c in cells])
             if header is not None:
                 table_roles, table_columns = header
                 continue
@@ -409,8 +409,8 @@ def _scan_lines(raw_lines: list[str]) -> list[_Event]:
                 continue
         else:
             table_roles, table_columns = {}, {}
-        cleaned = _clean(raw)
-        norm = cleaned.translate(_FULLWIDTH)
+        cleaned = strip_markdown(raw)
+        norm = cleaned.translate(FULLWIDTH)
         label = _match_label(norm)
         if label is not None:
             name, end = label
@@ -431,7 +431,7 @@ def _scan_lines(raw_lines: list[str]) -> list[_Event]:
         if pending is not None:  # "점수: 24/30" under a criterion heading
             word = _SCORE_WORD_RE.match(norm)
             pos = _SEP_RE.match(norm, word.end() if word else 0).end()
-            found_value = _value_at(norm[pos:])
+            found_value = score_at(norm[pos:])
             if found_value:
                 value, written, end = found_value
                 events.append(_Event(i, pending, "score", value, written, _comment(cleaned[pos + end:])))
@@ -499,7 +499,7 @@ _COMMENT_KEYS = ("comment", "코멘트", "reason", "이유", "근거", "설명",
 def _json_key(key: Any) -> str | None:
     if not isinstance(key, str):
         return None
-    text = key.replace("_", " ").strip().translate(_FULLWIDTH)
+    text = key.replace("_", " ").strip().translate(FULLWIDTH)
     label = _match_label(text)
     if label is None:
         return None
@@ -517,8 +517,8 @@ def _json_number(value: Any) -> tuple[float, float | None] | None:
     if isinstance(value, float):
         return value, None
     if isinstance(value, str):
-        text = value.strip().translate(_FULLWIDTH)
-        found = _value_at(text)
+        text = value.strip().translate(FULLWIDTH)
+        found = score_at(text)
         if found:
             return found[0], found[1]
     return None

@@ -38,6 +38,10 @@ class TaskTraining:
 
 TASKS = {
     "summary_eval": "gemma_lowmem.tasks.summary_eval",
+    "topic": "gemma_lowmem.tasks.topic",
+    "topic_grade": "gemma_lowmem.tasks.topic",
+    "essay": "gemma_lowmem.tasks.essay",
+    "essay_write": "gemma_lowmem.tasks.essay_write",
     "preference": "gemma_lowmem.tasks.preference",
     "preference_sft": "gemma_lowmem.tasks.preference",
 }
