@@ -34,7 +34,13 @@ from gemma_lowmem.evaluation.report import write_report
 from gemma_lowmem.evaluation.rouge import rouge_pair
 from gemma_lowmem.evaluation.rubric import CRITERIA, parse_rubric
 from gemma_lowmem.memory import PeakMemory
-from gemma_lowmem.model import load_adapter, load_base_model, load_tokenizer, resolve_model_path
+from gemma_lowmem.model import (
+    int8_dequantized_matmuls,
+    load_adapter,
+    load_base_model,
+    load_tokenizer,
+    resolve_model_path,
+)
 from gemma_lowmem.tasks import get_task
 from gemma_lowmem.tasks.student_summaries import cut_at_sentence_end
 from gemma_lowmem.tasks.summary_eval import evaluation_prompt
@@ -102,8 +108,9 @@ def generate_answers(
     peak = PeakMemory(device)
     peak.reset()
     start = time.perf_counter()
-    answers = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             show_progress=show_progress)
+    with int8_dequantized_matmuls(model):
+        answers = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 show_progress=show_progress)
     seconds = time.perf_counter() - start  # exact: generation copies each batch's tokens to the host (a sync)
     prompt_tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     answer_tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)

@@ -56,8 +56,9 @@ def generate_ids(
         past = None
         step_ids, step_pos = input_ids, positions
         for _ in range(max_new_tokens):
+            # logits_to_keep=1: the prefill would otherwise build (B, T, 262k) logits for every prompt position
             out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
-                        use_cache=True)
+                        use_cache=True, logits_to_keep=1)
             past = out.past_key_values
             token = out.logits[:, -1].argmax(-1)  # (B,)
             token = torch.where(done, torch.full_like(token, pad_id), token)
