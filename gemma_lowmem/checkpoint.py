@@ -1,11 +1,18 @@
 """Atomic checkpoints: the adapter in PEFT format plus everything needed to resume exactly.
 
-A checkpoint is written into a temporary folder, fsynced, then renamed into place, so a run killed at any moment
-(also during a save) leaves the previous complete checkpoint loadable.
+Every save goes through :func:`_write_atomically`: the files are written into a hidden sibling folder
+(``.tmp-<name>``), fsynced, and renamed into place. Replacing a folder that exists moves the old copy aside
+(``.old-<name>``) and deletes it only once the new one is in place; pruning renames a checkpoint to
+``.trash-<name>`` before deleting it. So a ``step-*`` folder is always complete, and a run killed at any moment
+(also in the middle of a save) leaves every complete checkpoint loadable. The next save tidies what a kill left
+behind (:func:`_tidy`), and :func:`find_checkpoint` also takes a moved-aside copy whose replacement never landed.
+
+One process writes a run folder (rank 0 under data parallelism), so any hidden folder in it is a leftover.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -17,58 +24,141 @@ from typing import Any
 import numpy as np
 import torch
 from peft import set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from gemma_lowmem.errors import UserError
+from gemma_lowmem.memory import format_size
 
 STATE_FILE = "trainer_state.pt"
 ADAPTER_FILE = "adapter_model.safetensors"
+_TMP, _OLD, _TRASH = ".tmp-", ".old-", ".trash-"
+# What a failed write raises: OSError from Python, RuntimeError from torch.save's C++ writer, SafetensorError.
+_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """The RNG states that dropout and data shuffling read: Python, NumPy, torch CPU and this process's GPU.
+
+    Args:
+        device: the training device; its CUDA generator is saved too (only this one: touching every GPU's
+            generator would create a CUDA context on each from every data-parallel rank).
+
+    Returns:
+        A picklable dict for :func:`set_rng_state`.
+    """
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what :func:`rng_state` saved (the CUDA generator onto ``device``)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a folder too: its fsync makes the names in it durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_tree(folder: Path) -> None:
     for path in [*folder.rglob("*"), folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(path)
+
+
+def _delete(folder: Path) -> None:
+    """Remove a folder by renaming it to a hidden name first, so no half-deleted folder keeps a real name."""
+    trash = folder.with_name(_TRASH + folder.name)
+    shutil.rmtree(trash, ignore_errors=True)
+    folder.rename(trash)
+    shutil.rmtree(trash)
+
+
+def _tidy(parent: Path) -> None:
+    """Clean up after a process killed while saving into ``parent``: drop half-written and half-deleted folders;
+    put back a moved-aside folder whose replacement never landed, or drop it when the replacement did."""
+    for path in parent.glob(".*-*"):
+        if path.name.startswith((_TMP, _TRASH)):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name.startswith(_OLD):
+            original = path.with_name(path.name[len(_OLD) :])
+            if original.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.rename(original)
 
 
 def _write_atomically(folder: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` into a temporary sibling folder, fsync it, then rename it to ``folder``."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Run ``write(tmp)`` into a temporary sibling folder, fsync it, then rename it to ``folder``.
+
+    Raises:
+        UserError: the disk is full or not writable; ``folder`` (or its previous copy) is left as it was.
+    """
+    parent = folder.parent
+    old = folder.with_name(_OLD + folder.name)
+    tmp = folder.with_name(_TMP + folder.name)
     try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _tidy(parent)
         tmp.mkdir()
         write(tmp)
         _fsync_tree(tmp)
-        if folder.exists():  # re-saving the same step: the old copy goes only once the new one is complete
-            old = folder.with_name(f".old-{folder.name}-{os.getpid()}")
+        if folder.exists():  # replacing (adapter_best, a step saved again): the old copy goes once the new one is in
             folder.rename(old)
             tmp.rename(folder)
+            _fsync(parent)
             shutil.rmtree(old)
         else:
             tmp.rename(folder)
-        _fsync_tree(folder.parent)
-    except OSError as err:
+        _fsync(parent)
+    except _WRITE_ERRORS as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write {folder}: {err.strerror or err}") from None
+        if old.exists() and not folder.exists():
+            old.rename(folder)
+        free = f" ({format_size(shutil.disk_usage(parent).free)} free on that disk)" if parent.exists() else ""
+        reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        raise UserError(
+            f"could not write {folder}: {reason}{free}; earlier checkpoints are intact: free some space or choose "
+            "another --output-dir, then --resume"
+        ) from None
+
+
+class _KeepWriteError(io.RawIOBase):
+    """A file for ``torch.save`` that keeps the ``OSError`` of a failed write: torch's own writer turns it into
+    "unexpected pos 576 vs 534", which says nothing of a full disk."""
+
+    def __init__(self, file: io.BufferedWriter) -> None:
+        self.file, self.error = file, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with path.open("wb") as file:
+        sink = _KeepWriteError(file)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
 
 
 def _write_adapter(model: torch.nn.Module, folder: Path, config: dict[str, Any]) -> None:
@@ -77,8 +167,19 @@ def _write_adapter(model: torch.nn.Module, folder: Path, config: dict[str, Any])
 
 
 def save_adapter(model: torch.nn.Module, folder: Path, config: dict[str, Any]) -> None:
-    """Write the adapter (PEFT format, loadable with ``PeftModel.from_pretrained``) and the run config atomically."""
+    """Write the adapter (PEFT format, loadable with ``PeftModel.from_pretrained``) and the run config atomically.
+
+    Args:
+        model: the PEFT model (only the adapter is written).
+        folder: where the adapter goes, e.g. ``<run>/adapter``.
+        config: the resolved run config, saved next to it as ``run_config.json``.
+    """
     _write_atomically(folder, lambda tmp: _write_adapter(model, tmp, config))
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The optimizer step of a checkpoint folder named ``step-000123`` (or a moved-aside ``.old-step-000123``)."""
+    return int(folder.name.rsplit("-", 1)[1])
 
 
 def save_checkpoint(
@@ -86,10 +187,13 @@ def save_checkpoint(
 ) -> Path:
     """Save a resumable checkpoint (adapter + optimizer, scheduler, scaler, data position, RNG) and prune old ones.
 
+    Checkpoints of later steps are deleted too: they belong to the run that an earlier checkpoint was resumed from,
+    and ``--resume <run>`` must not pick them up.
+
     Args:
         folder: the checkpoint folder, ``<run>/checkpoints/step-000123``.
         model: the PEFT model (only the adapter is written).
-        trainer_state: optimizer/scheduler/scaler state dicts and the loop's counters.
+        trainer_state: optimizer/scheduler/scaler state dicts, the loop's counters and RNG states.
         config: the resolved run config.
         keep: how many ``step-*`` checkpoints to keep.
 
@@ -99,31 +203,59 @@ def save_checkpoint(
 
     def write(tmp: Path) -> None:
         _write_adapter(model, tmp, config)
-        torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_FILE)
+        _torch_save(trainer_state, tmp / STATE_FILE)
 
     _write_atomically(folder, write)
-    steps = sorted(p for p in folder.parent.glob("step-*") if p.is_dir())
-    for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    step = checkpoint_step(folder)
+    steps = sorted((p for p in folder.parent.glob("step-*") if p.is_dir()), key=checkpoint_step)
+    earlier = [p for p in steps if checkpoint_step(p) <= step]
+    for old in [p for p in steps if checkpoint_step(p) > step] + earlier[:-keep]:
+        _delete(old)
     return folder
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (its latest complete checkpoint)."""
+    """A checkpoint folder, or a run folder (its latest complete checkpoint); reads only, writes nothing.
+
+    Args:
+        path: ``<run>/checkpoints/step-000123`` or ``<run>``.
+
+    Returns:
+        The checkpoint folder to load.
+
+    Raises:
+        UserError: no complete checkpoint there.
+    """
     path = Path(path)
     if (path / STATE_FILE).is_file():
         return path
-    candidates = sorted((path / "checkpoints").glob("step-*")) if path.is_dir() else []
-    candidates = [c for c in candidates if (c / STATE_FILE).is_file()]
-    if not candidates:
+    folder = path / "checkpoints"
+    complete = [c for c in folder.glob("step-*") if (c / STATE_FILE).is_file()] if folder.is_dir() else []
+    # A kill between the two renames of a re-save leaves the complete old copy under a hidden name.
+    stranded = folder.glob(_OLD + "step-*") if folder.is_dir() else []
+    complete += [c for c in stranded if (c / STATE_FILE).is_file() and not (folder / c.name[len(_OLD) :]).exists()]
+    if not complete:
         raise UserError(f"--resume {path}: not a checkpoint (no {STATE_FILE}) and no checkpoints/step-* inside")
-    return candidates[-1]
+    return max(complete, key=checkpoint_step)
 
 
 def load_checkpoint(folder: Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Load the adapter weights into ``model`` and return the trainer state (RNG restored by the caller)."""
+    """Load the adapter weights into ``model`` and return the trainer state (RNG restored by the caller).
+
+    Raises:
+        UserError: the files are unreadable, or the adapter does not fit the model (another LoRA rank or target).
+    """
     try:
-        set_peft_model_state_dict(model, load_file(folder / ADAPTER_FILE))
-        return torch.load(folder / STATE_FILE, weights_only=False)
-    except (OSError, RuntimeError, KeyError) as err:
-        raise UserError(f"--resume {folder}: checkpoint is unreadable ({err})") from None
+        result = set_peft_model_state_dict(model, load_file(folder / ADAPTER_FILE))
+        state = torch.load(folder / STATE_FILE, weights_only=False)
+    except (OSError, RuntimeError, KeyError, SafetensorError) as err:
+        raise UserError(f"--resume {folder}: checkpoint is unreadable or does not fit the model ({err})") from None
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        example = (missing or result.unexpected_keys)[0]
+        raise UserError(
+            f"--resume {folder}: the checkpoint's adapter does not fit this model ({len(missing)} adapter weights "
+            f"missing, {len(result.unexpected_keys)} unexpected, e.g. {example}); use the same --model, --lora-r "
+            "and --target-modules as the run that saved it"
+        )
+    return state

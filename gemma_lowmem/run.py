@@ -22,6 +22,7 @@ from gemma_lowmem.config import RunConfig
 from gemma_lowmem.data.conversation import Conversation
 from gemma_lowmem.data.tokenize import EncodedSet, encode_conversations
 from gemma_lowmem.device import default_device, weight_dtype
+from gemma_lowmem.distributed import current_ranks, init_distributed
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.evaluate import evaluate_model, evaluate_systems
 from gemma_lowmem.evaluation.report import write_report
@@ -106,11 +107,13 @@ def encode(cfg: RunConfig, tokenizer: Any, conversations: list[Conversation], de
 
 def setup(cfg: RunConfig) -> Prepared:
     """Load data and model, add LoRA, tokenize; validates user input before anything is written."""
+    ranks = init_distributed()  # under torchrun: join the process group (NCCL on GPUs, gloo on the CPU)
     seed_everything(cfg.train.seed)
     device = default_device()
     parse_size(cfg.train.max_mem)
-    model_path = resolve_model_path(cfg.model.model)
-    run_dir = choose_run_dir(cfg)
+    with ranks.main_first():  # rank 0 converts a .gguf or the bundled model once; the others find it converted
+        model_path = resolve_model_path(cfg.model.model)
+    run_dir = Path(ranks.broadcast(str(choose_run_dir(cfg))))  # one folder for all ranks (the default has the time)
     if cfg.train.resume:
         find_checkpoint(cfg.train.resume)  # fail now, not after the model has loaded
     task = get_task(cfg.data.task)
@@ -125,12 +128,14 @@ def setup(cfg: RunConfig) -> Prepared:
     model = add_lora(base, cfg.lora, cfg.train.gradient_checkpointing)
     trainable, total = count_parameters(model)
     print(f"LoRA: {trainable:,} trainable parameters ({100 * trainable / max(total, 1):.2f}% of {total:,} stored)")
-    training = prepare(cfg, tokenizer, model) if prepare else None
+    with ranks.main_first():  # rank 0 fills the token and reference log-prob caches; the others read them
+        training = prepare(cfg, tokenizer, model) if prepare else None
+        if training is None:
+            train_convs, val_convs = conversations or task.build_datasets(cfg.data, cfg.train.seed)
+            train = encode(cfg, tokenizer, train_convs, "tokenizing train")
+            val = encode(cfg, tokenizer, val_convs, "tokenizing val")
     if training is not None:
         return Prepared(model, tokenizer, training, run_dir)
-    train_convs, val_convs = conversations or task.build_datasets(cfg.data, cfg.train.seed)
-    train = encode(cfg, tokenizer, train_convs, "tokenizing train")
-    val = encode(cfg, tokenizer, val_convs, "tokenizing val")
     return Prepared(
         model, tokenizer, TaskTraining(train.examples, val.examples), run_dir,
         [train_convs[i] for i in train.kept], [val_convs[i] for i in val.kept],
@@ -140,8 +145,10 @@ def setup(cfg: RunConfig) -> Prepared:
 def train_from_config(cfg: RunConfig) -> tuple[Prepared, FitResult]:
     """Setup, then the loop; writes ``config.json`` and everything ``fit`` writes into the run folder."""
     prepared = setup(cfg)
-    prepared.run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(prepared.run_dir / "config.json")
+    main = current_ranks().is_main  # under torchrun rank 0 alone writes
+    if main:
+        prepared.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(prepared.run_dir / "config.json")
     # Packed rows are as long as the longest allowed conversation unless set otherwise.
     train_cfg = replace(cfg.train, pack_len=cfg.train.pack_len or cfg.data.max_seq_length)
     training = prepared.training
@@ -150,7 +157,7 @@ def train_from_config(cfg: RunConfig) -> tuple[Prepared, FitResult]:
         pad_id=prepared.tokenizer.pad_token_id, run_config=cfg.to_dict(), loss_fn=training.loss_fn,
         collate_fn=training.collate_fn,
     )
-    if cfg.train.push_to_hub:
+    if cfg.train.push_to_hub and main and result.stopped != "signal":
         push_adapter(prepared.model, cfg.train.push_to_hub)
     return prepared, result
 

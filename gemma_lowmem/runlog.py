@@ -24,15 +24,24 @@ class MetricsLog:
             os.fsync(f.fileno())
 
     def read(self) -> list[dict[str, Any]]:
+        """The records; a line torn by a kill mid-write is skipped."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (on resume: those steps are about to be trained again)."""
+        """Drop records past ``step`` (on resume: those steps are about to be trained again); atomic."""
         if self.enabled and self.path.is_file():
             kept = [r for r in self.read() if r.get("step", 0) <= step]
-            self.path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+            os.replace(tmp, self.path)
 
 
 def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:

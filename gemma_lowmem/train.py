@@ -2,6 +2,11 @@
 
 ``fit`` takes token examples (``{"input_ids", "labels"}``) and a ``TrainConfig``; it knows nothing about tasks.
 The objective is the summed loss of a micro-batch divided by the loss tokens of the whole accumulation window.
+
+Reliability: a checkpoint holds everything needed to go on exactly where it was (adapter, optimizer, scheduler,
+GradScaler, data position, every rank's RNG); SIGINT/SIGTERM stop at the next step boundary with a checkpoint; a
+step with a non-finite loss or gradient is skipped, and ``max_bad_steps`` of them in a row stop the run.
+Under ``torchrun`` the same loop runs data parallel (see :mod:`gemma_lowmem.distributed`).
 """
 
 from __future__ import annotations
@@ -11,27 +16,39 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from gemma_lowmem.checkpoint import find_checkpoint, load_checkpoint, save_adapter, save_checkpoint, set_rng_state
+from gemma_lowmem.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_adapter,
+    save_checkpoint,
+    set_rng_state,
+)
 from gemma_lowmem.config import TrainConfig
 from gemma_lowmem.data.collate import collate
 from gemma_lowmem.data.sampler import plan_epoch
 from gemma_lowmem.device import resolve_precision
+from gemma_lowmem.distributed import Ranks, init_distributed, wrap_ddp
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.loss import sft_loss
 from gemma_lowmem.memory import PeakMemory, format_size
+from gemma_lowmem.model import int8_dequantized_matmuls
 from gemma_lowmem.runlog import MetricsLog, plot_loss_curve
 
 Example = dict[str, list[int]]
 # loss_fn(model, batch) -> summed loss, or (summed loss, {name: summed 0-dim metric}) for extra logged metrics
 LossFn = Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
+SINGLE = Ranks()
 
 
 @dataclass
@@ -39,8 +56,8 @@ class FitResult:
     """What a run did; also written to ``summary.json``."""
 
     steps: int
-    tokens: int  # non-pad tokens seen in training
-    loss_tokens: int  # tokens that carried loss
+    tokens: int  # non-pad tokens seen in training (all ranks)
+    loss_tokens: int  # tokens that carried loss (all ranks)
     seconds: float
     final_loss: float | None
     best_val_loss: float | None
@@ -48,7 +65,7 @@ class FitResult:
     skipped_steps: int
     stopped: str  # "max_steps", "early_stopping", "signal", "non_finite"
     run_dir: str
-    history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    history: list[dict[str, Any]] = field(default_factory=list, repr=False)  # rank 0 only
 
     @property
     def loss_tokens_per_s(self) -> float:
@@ -68,10 +85,14 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
 
 
 class _StopSignal:
-    """SIGINT/SIGTERM ask for a checkpoint at the next step boundary; a second signal stops at once."""
+    """SIGINT/SIGTERM ask for a checkpoint at the next step boundary; a second signal stops at once.
 
-    def __init__(self) -> None:
+    (Under torchrun the workers run in their own sessions: a Ctrl-C reaches them once, forwarded by torchrun.)
+    """
+
+    def __init__(self, announce: bool = True) -> None:
         self.requested = False
+        self.announce = announce
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignal:
@@ -86,7 +107,9 @@ class _StopSignal:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint at the end of this step (again to stop now)")
+        if self.announce:
+            name = signal.Signals(signum).name
+            tqdm.write(f"{name}: saving a checkpoint at the end of this step (send it again to stop at once)")
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -114,6 +137,10 @@ def _micro_batches(plan_for: Callable[..., list], epoch: int, index: int) -> Ite
         epoch, index = epoch + 1, 0
 
 
+def _split(output: torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]):
+    return output if isinstance(output, tuple) else (output, {})
+
+
 def backward_window(
     model: torch.nn.Module,
     window: list[dict[str, Any]],
@@ -121,47 +148,70 @@ def backward_window(
     precision: Any,
     scaler: torch.amp.GradScaler,
     device: torch.device,
+    *,
+    window_tokens: int | None = None,
+    ddp: DistributedDataParallel | None = None,
+    ranks: Ranks = SINGLE,
 ) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
     """Forward and backward every micro-batch of one accumulation window.
 
     The gradients left in ``.grad`` are those of (sum of token losses) / (loss tokens of the whole window), so
-    how the window is split into micro-batches never changes them.
+    how the window is split into micro-batches never changes them. Data parallel (``ddp`` wrapping
+    ``loss_fn(model, .)``, ``ranks``, ``window_tokens`` summed over ranks), each rank runs its own window and
+    gradients are all-reduced only on the last micro-batch (``no_sync`` before): the result equals one process
+    running all ranks' windows.
 
     Returns:
-        (summed loss of the window as a 0-dim device tensor, loss tokens in the window, summed extra metrics).
+        (summed loss of the window as a 0-dim device tensor, loss tokens in the window, summed extra metrics);
+        data parallel, all three over all ranks.
     """
-    window_tokens = sum(int(b["num_loss_tokens"]) for b in window)  # CPU tensors: no device sync
+    if window_tokens is None:
+        window_tokens = sum(int(b["num_loss_tokens"]) for b in window)  # CPU tensors: no device sync
+    # DDP averages gradients over ranks: dividing by tokens / world_size makes that average the sum over ranks.
+    denominator = max(window_tokens, 1) / ranks.world_size
+    forward = ddp if ddp is not None else partial(loss_fn, model)
     window_loss = torch.zeros((), device=device)
     extras: dict[str, torch.Tensor] = {}
-    for batch in window:
-        with precision.autocast():
-            loss_sum, metrics = _split(loss_fn(model, _to_device(batch, device)))
-        scaler.scale(loss_sum / max(window_tokens, 1)).backward()
+    for i, batch in enumerate(window):
+        last = i == len(window) - 1
+        with ddp.no_sync() if ddp is not None and not last else nullcontext():
+            with precision.autocast():
+                loss_sum, metrics = _split(forward(_to_device(batch, device)))
+            scaler.scale(loss_sum / denominator).backward()
         window_loss += loss_sum.detach().float()
         for name, value in metrics.items():
             extras[name] = extras.get(name, 0) + value.detach().float()
-        del loss_sum  # the graph is freed by backward; drop the last reference too
+        del loss_sum, metrics  # the graph is freed by backward; drop the last references too
+    if ranks.parallel:
+        names = sorted(extras)
+        summed = ranks.sum(torch.stack([window_loss, *(extras[n] for n in names)]))
+        window_loss, extras = summed[0], dict(zip(names, summed[1:]))
     return window_loss, window_tokens, extras
-
-
-def _split(output: torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]):
-    return output if isinstance(output, tuple) else (output, {})
 
 
 @torch.no_grad()
 def evaluate_loss(
-    model: torch.nn.Module, batches: list[dict[str, Any]], loss_fn: LossFn, precision: Any, device: torch.device
+    model: torch.nn.Module,
+    batches: list[dict[str, Any]],
+    loss_fn: LossFn,
+    precision: Any,
+    device: torch.device,
+    *,
+    ranks: Ranks = SINGLE,
 ) -> float:
-    """Mean loss per loss token over pre-collated validation batches."""
+    """Mean loss per loss token over pre-collated validation batches (data parallel: each rank's share, summed)."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), 0
-    for batch in batches:
-        with precision.autocast():
-            total += _split(loss_fn(model, _to_device(batch, device)))[0].float()
-        count += int(batch["num_loss_tokens"])  # a CPU tensor: no device sync
+    with int8_dequantized_matmuls(model):  # bitsandbytes' eval-mode int8 kernel is slow on CPU
+        for batch in batches:
+            with precision.autocast():
+                total += _split(loss_fn(model, _to_device(batch, device)))[0].float()
+            count += int(batch["num_loss_tokens"])  # a CPU tensor: no device sync
     model.train(was_training)
-    return total.item() / max(count, 1)  # host sync: once per validation
+    sums = ranks.sum(torch.stack([total.double(), torch.tensor(count, dtype=torch.float64, device=device)]))
+    total_loss, total_count = sums.tolist()  # host sync: once per validation
+    return total_loss / max(total_count, 1)
 
 
 def fit(
@@ -179,6 +229,9 @@ def fit(
 ) -> FitResult:
     """Train the model's trainable (LoRA) parameters on ``train``; validate on ``val``.
 
+    Runs data parallel when started by ``torchrun`` (it joins the process group if the caller has not): each rank
+    trains on its shard of every epoch, rank 0 alone writes; call it on every rank with the same arguments.
+
     Args:
         model: a causal LM whose trainable parameters are the adapter (e.g. from ``model.add_lora``).
         train: training examples ``{"input_ids": [...], "labels": [...]}``, labels -100 off the answer.
@@ -189,14 +242,19 @@ def fit(
         run_config: the full resolved config, saved with every checkpoint.
         loss_fn: ``loss_fn(model, batch) -> summed loss``; default: chunked SFT cross-entropy.
         collate_fn: turns rows of examples into a batch with ``num_loss_tokens`` and ``num_tokens``.
-        show_progress: draw the tqdm bar.
+        show_progress: draw the tqdm bar (rank 0).
 
     Returns:
         A :class:`FitResult` (also written to ``run_dir/summary.json``).
+
+    Raises:
+        UserError: no examples; a checkpoint that does not fit; ``max_bad_steps`` non-finite steps in a row
+            (after saving a checkpoint); a disk that cannot take a checkpoint.
     """
     # ---- setup -------------------------------------------------------------------------------------------------
     run_dir = Path(run_dir)
     run_config = run_config or {"train": cfg.__dict__}
+    ranks = init_distributed()  # joins torchrun's process group (a no-op when torchrun did not start this process)
     device = next(p.device for p in model.parameters() if p.requires_grad)
     precision = resolve_precision(device, cfg.precision)
     loss_fn = loss_fn or partial(sft_loss, chunked=cfg.chunked_loss, chunk_size=cfg.loss_chunk_size)
@@ -215,15 +273,18 @@ def fit(
     if cfg.packing and max(lengths) > pack_len:
         raise UserError(f"pack_len={pack_len} is shorter than the longest example ({max(lengths)} tokens)")
     mode = "pack" if cfg.packing else "bucket" if cfg.bucketing else "random"
-    plan_for = partial(
-        plan_epoch, lengths, cfg.batch_size, seed=cfg.seed, mode=mode, pack_len=pack_len if cfg.packing else None
-    )
-    micro_per_epoch = len(plan_for(epoch=0))
+    # What fixes the order of micro-batches: a checkpoint's data position means nothing under other values.
+    plan = {"seed": cfg.seed, "batch_size": cfg.batch_size, "mode": mode, "pack_len": pack_len if cfg.packing else None,
+            "examples": len(train), "world_size": ranks.world_size}
+    plan_for = partial(plan_epoch, lengths, cfg.batch_size, seed=cfg.seed, mode=mode, pack_len=plan["pack_len"],
+                       rank=ranks.rank, world_size=ranks.world_size)
+    micro_per_epoch = len(plan_for(epoch=0))  # per rank: every rank gets the same count
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
     warmup = int(cfg.warmup_ratio * total_steps)
 
     val_lengths = [len(e["input_ids"]) for e in val]
     val_plan = plan_epoch(val_lengths, cfg.batch_size, seed=0, epoch=0, mode="bucket") if val else []
+    val_plan = val_plan[ranks.rank :: ranks.world_size]  # data parallel: each rank validates its share
     val_batches = [collate_fn([[val[i] for i in row] for row in rows]) for rows in val_plan]
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -233,7 +294,7 @@ def fit(
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
     memory = PeakMemory(device)
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=ranks.is_main)
     counters = {
         "step": 0,
         "epoch": 0,
@@ -246,86 +307,107 @@ def fit(
         "skipped": 0,
     }
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if ranks.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed + ranks.rank)  # dropout: reproducible from the config, different on each rank
     if cfg.resume:
         checkpoint = find_checkpoint(cfg.resume)
         state = load_checkpoint(checkpoint, model)
+        saved_plan = state.get("plan", {})
+        changed = [f"{k} was {saved_plan.get(k)}, now {v}" for k, v in plan.items() if saved_plan.get(k) != v]
+        if changed:
+            raise UserError(
+                f"--resume {checkpoint}: its data position holds only for the data order it was saved with, but "
+                f"{'; '.join(changed)}. Resume with the same --seed, --batch-size, packing, --pack-len, data and "
+                "number of processes"
+            )
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         counters.update(state["counters"])
-        set_rng_state(state["rng"])
-        log.truncate_after(counters["step"])
-        tqdm.write(f"resumed from {checkpoint} at step {counters['step']}")
-
-    def trainer_state() -> dict[str, Any]:
-        return {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "counters": dict(counters),
-        }
+        set_rng_state(state["rng"][ranks.rank], device)
+        if ranks.is_main:
+            tqdm.write(f"resumed from {checkpoint} at step {counters['step']}")
+    log.truncate_after(counters["step"])  # steps past the checkpoint are trained again; a fresh run starts empty
+    ddp = wrap_ddp(model, loss_fn, device) if ranks.parallel else None
 
     def checkpoint_now() -> Path:
         folder = run_dir / "checkpoints" / f"step-{counters['step']:06d}"
-        return save_checkpoint(folder, model, trainer_state(), run_config, cfg.keep_checkpoints)
+        rngs = ranks.gather(rng_state(device))  # every rank's dropout RNG (a collective: all ranks come here)
+        if ranks.is_main:
+            trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "scaler": scaler.state_dict(), "counters": dict(counters), "plan": plan, "rng": rngs}
+            save_checkpoint(folder, model, trainer_state, run_config, cfg.keep_checkpoints)
+        return folder
 
     model.train()
     memory.reset()
     stream = _micro_batches(plan_for, counters["epoch"], counters["index"])
-    bar = tqdm(total=total_steps, initial=counters["step"], desc="train", unit="step", disable=not show_progress)
-    stopped, bad_in_row, last_loss = "max_steps", 0, None
+    stopped, bad_in_row, last_loss, record, first_step = "max_steps", 0, None, {}, counters["step"]
     t_last, tokens_last = time.perf_counter(), counters["loss_tokens"]
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
 
     # ---- loop --------------------------------------------------------------------------------------------------
-    with _StopSignal() as stop:
+    bar = tqdm(total=total_steps, initial=counters["step"], desc="train", unit="step",
+               disable=not (show_progress and ranks.is_main))
+    with _StopSignal(announce=ranks.is_main) as stop, bar:  # an error closes the bar: its message starts a line
         while counters["step"] < total_steps:
             # Collate the whole window first: its loss-token count normalises every micro-step (CPU ints, no sync).
             window = []
             for _ in range(cfg.grad_accum):
                 epoch, index, rows = next(stream)
                 window.append(collate_fn([[train[i] for i in row] for row in rows]))
-            window_loss, window_tokens, extras = backward_window(model, window, loss_fn, precision, scaler, device)
+            counts = [sum(int(b[key]) for b in window) for key in ("num_loss_tokens", "num_tokens")]  # CPU tensors
+            if ranks.parallel:  # host sync: once per optimizer step, under data parallelism only
+                counts = [int(c) for c in ranks.sum(torch.tensor(counts, device=device)).tolist()]
+            window_tokens, tokens = counts
+            window_loss, window_tokens, extras = backward_window(
+                model, window, loss_fn, precision, scaler, device, window_tokens=window_tokens, ddp=ddp, ranks=ranks
+            )
             scaler.unscale_(optimizer)
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             loss = window_loss.item() / max(window_tokens, 1)  # host sync: once per optimizer step
-            finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
-            if finite or precision.use_scaler:
-                scaler.step(optimizer)  # GradScaler itself skips a step with inf/nan gradients
+            loss_ok, grad_ok = math.isfinite(loss), bool(torch.isfinite(grad_norm))
+            if loss_ok and grad_ok:
+                scaler.step(optimizer)
+                bad_in_row, last_loss = 0, loss
+            else:  # skip the update: the weights and the optimizer state stay the last good ones
+                counters["skipped"] += 1
+                # fp16: GradScaler lowers its scale after an overflow; while the scale is >= 1 that is routine
+                routine = precision.use_scaler and loss_ok and scaler.get_scale() >= 1.0
+                bad_in_row += 0 if routine else 1
+                if ranks.is_main:
+                    tqdm.write(f"step {counters['step'] + 1}: non-finite {'gradient' if loss_ok else 'loss'}; "
+                               f"optimizer step skipped ({bad_in_row} in a row, {counters['skipped']} in all)")
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
 
             counters["step"] += 1
             counters["epoch"], counters["index"] = epoch, index + 1
-            counters["tokens"] += sum(int(b["num_tokens"]) for b in window)
+            counters["tokens"] += tokens
             counters["loss_tokens"] += window_tokens
-            if finite:
-                bad_in_row, last_loss = 0, loss
-            else:
-                bad_in_row += 1
-                counters["skipped"] += 1
-                tqdm.write(f"step {counters['step']}: non-finite loss or gradient; optimizer step skipped")
-
-            record: dict[str, Any] = {
+            record = {
                 "step": counters["step"],
                 "epoch": epoch,
-                "loss": loss,
+                "loss": loss if loss_ok else None,  # strict JSON: no NaN
                 "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
+                "grad_norm": float(grad_norm) if grad_ok else None,
             }
+            if not (loss_ok and grad_ok):
+                record["skipped"] = counters["skipped"]
             if cfg.eval_every and counters["step"] % cfg.eval_every == 0 and val_batches:
-                record["val_loss"] = evaluate_loss(model, val_batches, loss_fn, precision, device)
+                record["val_loss"] = evaluate_loss(model, val_batches, loss_fn, precision, device, ranks=ranks)
             if "val_loss" in record:
                 best = counters["best_val"]
                 if best is None or record["val_loss"] < best:
                     counters["best_val"], counters["bad_evals"] = record["val_loss"], 0
-                    save_adapter(model, run_dir / "adapter_best", run_config)
+                    if ranks.is_main:
+                        save_adapter(model, run_dir / "adapter_best", run_config)
                 else:
                     counters["bad_evals"] += 1
 
-            if counters["step"] % cfg.log_every == 0 or "val_loss" in record:
+            if counters["step"] % cfg.log_every == 0 or "val_loss" in record or "skipped" in record:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # host sync: honest timings at log steps only
                 now = time.perf_counter()
@@ -333,6 +415,8 @@ def fit(
                 record["loss_tokens_per_s"] = (counters["loss_tokens"] - tokens_last) / max(now - t_last, 1e-9)
                 t_last, tokens_last = now, counters["loss_tokens"]
                 record.update(memory.read())
+                if precision.use_scaler:
+                    record["loss_scale"] = scaler.get_scale()  # host sync: fp16 only, at log steps only
                 # host sync: extra metrics (e.g. DPO reward accuracy) per loss unit, at log steps only
                 record.update({k: v.item() / max(window_tokens, 1) for k, v in extras.items()})
                 log.write(record)
@@ -350,30 +434,37 @@ def fit(
             if cfg.early_stopping_patience and counters["bad_evals"] >= cfg.early_stopping_patience:
                 stopped = "early_stopping"
                 break
-            if stop.requested:
+            if ranks.any(stop.requested, device):  # all ranks stop at the same step, whichever got the signal
                 stopped = "signal"
                 break
             if cfg.save_every and counters["step"] % cfg.save_every == 0 and counters["step"] < total_steps:
                 checkpoint_now()
-    bar.close()
+        bar.close()
 
-    # ---- report ------------------------------------------------------------------------------------------------
-    counters["seconds"] += time.perf_counter() - t_last
-    if val_batches and "val_loss" not in record and stopped != "non_finite":
-        record["val_loss"] = evaluate_loss(model, val_batches, loss_fn, precision, device)
-        log.write({"step": counters["step"], "val_loss": record["val_loss"]})
-        if counters["best_val"] is None or record["val_loss"] < counters["best_val"]:
-            counters["best_val"] = record["val_loss"]
-            save_adapter(model, run_dir / "adapter_best", run_config)
-    folder = checkpoint_now()
-    if stopped == "non_finite":
-        raise UserError(
-            f"{cfg.max_bad_steps} optimizer steps in a row had a non-finite loss or gradient; "
-            f"stopped. Last state saved in {folder}; try a lower --lr"
-        )
-    save_adapter(model, run_dir / "adapter", run_config)
-    history = log.read()
-    plot_loss_curve(history, run_dir / "loss_curve.png")
+        # ---- report (still under the signal handler: one signal now does not cut the final save short) -------
+        counters["seconds"] += time.perf_counter() - t_last
+        # Validate at the end unless the last step did, or nothing was trained (resumed at the end: done before
+        # that checkpoint), or the run was stopped (then it would change best_val and early stopping after --resume).
+        trained = counters["step"] > first_step
+        if stopped in ("max_steps", "early_stopping") and trained and val_batches and "val_loss" not in record:
+            val_loss = evaluate_loss(model, val_batches, loss_fn, precision, device, ranks=ranks)
+            log.write({"step": counters["step"], "val_loss": val_loss})
+            if counters["best_val"] is None or val_loss < counters["best_val"]:
+                counters["best_val"] = val_loss
+                if ranks.is_main:
+                    save_adapter(model, run_dir / "adapter_best", run_config)
+        folder = checkpoint_now()
+        if stopped == "non_finite":
+            raise UserError(
+                f"{cfg.max_bad_steps} optimizer steps in a row had a non-finite loss or gradient, so the run stopped "
+                f"at step {counters['step']}; the last good weights are saved in {folder}. Try a lower --lr, "
+                "--max-grad-norm or --precision fp32, then --resume"
+            )
+        history: list[dict[str, Any]] = []
+        if ranks.is_main:
+            save_adapter(model, run_dir / "adapter", run_config)
+            history = log.read()
+            plot_loss_curve(history, run_dir / "loss_curve.png")
     result = FitResult(
         steps=counters["step"],
         tokens=counters["tokens"],
@@ -387,9 +478,11 @@ def fit(
         run_dir=str(run_dir),
         history=history,
     )
-    summary = {k: v for k, v in result.__dict__.items() if k != "history"}
-    summary["loss_tokens_per_s"] = result.loss_tokens_per_s
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    if stopped == "signal":
-        tqdm.write(f"stopped by signal; checkpoint saved in {folder} (resume with --resume {run_dir})")
+    if ranks.is_main:
+        summary = {k: v for k, v in result.__dict__.items() if k != "history"}
+        summary["loss_tokens_per_s"] = result.loss_tokens_per_s
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        if stopped == "signal":
+            tqdm.write(f"stopped by signal at step {counters['step']}; checkpoint saved in {folder} "
+                       f"(continue with --resume {run_dir})")
     return result

@@ -8,6 +8,7 @@ Examples:
 """
 
 from gemma_lowmem.cli import build_parser, config_from_args, run_script
+from gemma_lowmem.distributed import close_distributed, current_ranks
 from gemma_lowmem.run import evaluate_after_training, train_from_config
 
 
@@ -16,16 +17,20 @@ def main() -> None:
     args = parser.parse_args()
     cfg = config_from_args(args)
     prepared, result = train_from_config(cfg)
-    print(
-        f"done: {result.steps} steps, {result.loss_tokens:,} loss tokens in {result.seconds:.0f} s "
-        f"({result.loss_tokens_per_s:.1f} loss tokens/s), final loss {result.final_loss}, "
-        f"best validation loss {result.best_val_loss}, peak memory "
-        + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in result.peak_memory.items())
-    )
-    print(f"adapter: {prepared.run_dir / 'adapter'}  summary: {prepared.run_dir / 'summary.json'}")
-    if cfg.eval.evaluate:
-        report = evaluate_after_training(cfg, prepared)
-        print(f"evaluation report: {report}" if report else f"task {cfg.data.task}: no generation metrics to report")
+    if current_ranks().is_main:
+        print(
+            f"done: {result.steps} steps, {result.loss_tokens:,} loss tokens in {result.seconds:.0f} s "
+            f"({result.loss_tokens_per_s:.1f} loss tokens/s), final loss {result.final_loss}, "
+            f"best validation loss {result.best_val_loss}, peak memory "
+            + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in result.peak_memory.items())
+        )
+        print(f"adapter: {prepared.run_dir / 'adapter'}  summary: {prepared.run_dir / 'summary.json'}")
+        if cfg.eval.evaluate and result.stopped == "signal":
+            print("stopped by a signal: no evaluation now (scripts/evaluate.py --adapter on the adapter later)")
+        elif cfg.eval.evaluate:
+            report = evaluate_after_training(cfg, prepared)
+            print(f"evaluation report: {report}" if report else f"task {cfg.data.task}: no generation metrics")
+    close_distributed()
 
 
 if __name__ == "__main__":
