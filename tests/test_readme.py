@@ -14,7 +14,8 @@ def test_readme_reuse_example_runs(tmp_path, capsys):
     model_dir = tmp_path / "model"
     tiny_gemma3().save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
-    code = example.replace('"path/or/hub-id"', repr(str(model_dir))).replace('"runs/reuse"', repr(str(tmp_path / "run")))
+    code = example.replace('"path/or/hub-id"', repr(str(model_dir)))
+    code = code.replace('"runs/reuse"', repr(str(tmp_path / "run")))
     exec(compile(code, str(README), "exec"), {})
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert printed and (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
