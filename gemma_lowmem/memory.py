@@ -1,15 +1,73 @@
-"""Memory sizes and measurement: parse ``--max-mem``, read peak memory (CUDA allocator, or CPU peak RSS)."""
+"""Memory: parse ``--max-mem``, plan a run that fits it, and measure the peak.
+
+Measuring (:class:`PeakMemory`): CUDA max allocated and reserved; on the CPU the process's peak RSS (VmHWM), which
+``reset()`` restarts per phase. :func:`return_freed_memory_to_os` keeps glibc from hoarding freed blocks (CPU).
+
+Planning (:func:`plan_memory`, :func:`predict_peak`): the peak of one training step is predicted as a sum of parts,
+read off the model built on the meta device (no weights loaded). For a micro-batch of N = B x T tokens, activations
+of ``a`` bytes (4 on CPUs without native bf16, 2 under bf16/fp16 autocast), L layers, stream width S (H; 4 H for
+Gemma 3n's AltUp), MLP width I, vocabulary V and loss chunk C:
+
+    frozen weights   int8 linears 1 B + an fp32 scale per row; nf4 0.5 B + 1/16 B; the rest in the weights' dtype;
+                     Gemma 3n's per-layer table row-wise int8 (``int8_embeddings``)
+    LoRA             16 B per parameter: fp32 weight, gradient, AdamW's two moments
+    runtime          CPU: 0.489 GiB (Python, torch, transformers, peft, bitsandbytes through a whole fit);
+                     CUDA: 256 MiB of allocator slack (an assumption: no GPU to measure on)
+    model-level      N a x Gemma 3n's per-layer input width (L x 256), plus packed masks 2 B T^2
+    checkpoints      N a L S: each layer's input
+    int8 inputs      N a x the widths of the distinct inputs of the int8 linears, over all layers: bitsandbytes
+                     keeps them as autograd-node attributes that checkpointing cannot drop (``int8_keeps_inputs``)
+    the larger of    one layer's recompute and backward  N a (4.98 S + 15.8 I)
+                     the loss chunk  C V x 8.24 B, plus the final hidden states and their gradient 2 N H a
+    no checkpointing replaces checkpoints, int8 inputs and recompute with  L x 0.82 x one layer's recompute
+
+The four constants (4.98, 15.8, 8.24, 0.82) were fitted, least squares on the relative error, to these peaks
+measured on this CPU (2 cores, AVX2, so fp32 weights and activations; int8 linears, LoRA r16 on the 7
+projections, packed rows, 512 labelled tokens per row, 2 optimizer steps of ``train.fit``, peak RSS of the whole
+process in a fresh subprocess each, :func:`return_freed_memory_to_os` on; ``benchmarks/e2b_memory.py --calibrate``):
+
+    model, random int8 weights unless noted        tokens   checkpointing  chunk  measured GiB  predicted GiB
+    Gemma 3n 1 layer, hidden 64 (the runtime)         64      on          -          0.489         -
+    E2B widths (H 2048, I 8192), vocab 4096, 2 layers 512     on          -          1.110         1.120
+      ... 4 layers                                    512     on          -          1.352         1.356
+      ... 2 layers                                   2048     on          -          2.458         2.429
+      ... 2 layers                                 2 x 1024   on          -          2.450         2.429
+      ... 2 layers                                   1024     off         -          1.779         1.783
+      ... 4 layers, int8 inputs not kept (what-if)    512     on          -          1.188         1.213
+    Gemma 3 270M config (18 layers, H 640, V 262k) 2 x 1024   on        256          2.475         2.475
+      ...                                            2048     on        256          2.471         2.475
+      ...                                          2 x 1024   on         64          2.195         2.222
+      ...                                            1024     off       256          3.799         3.788
+    Gemma 3 270M, real weights (load_base_model)   2 x 1024   on        256          2.475         2.475
+
+All within 2.1%. 2 x 1024 and 1 x 2048 tokens peak alike: CPU ``sdpa`` keeps no (T, T) scores (eager attention
+would). Held out of the fit, the full Gemma 3n E2B text model (``benchmarks/e2b_memory.py --drop-int8-inputs
+--warmup-tokens 128``: 1 x 2048 tokens, fp32, int8 inputs not kept): measured 9.592 GiB, predicted 9.670. Without
+:func:`return_freed_memory_to_os` the 4-layer E2B-width run peaked at 1.910 GiB instead of 1.352.
+Not measured here: CUDA (reserved memory, allocator slack) and bf16 activations, whose upcast temporaries make
+the per-token constants only roughly halve.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import json
 import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gemma_lowmem.errors import UserError
+from kernels.linear_cross_entropy import DEFAULT_CHUNK_BYTES
+
+if TYPE_CHECKING:
+    from gemma_lowmem.config import RunConfig
 
 GiB = 1024**3
+SHIPPED_CONFIGS = {"gemma-3n-e2b": Path(__file__).parent / "configs" / "gemma3n_e2b_text.json"}
 _UNITS = {
     "": 1,
     "b": 1,
@@ -99,26 +157,535 @@ class PeakMemory:
         return stats.get("peak_reserved", stats.get("peak_rss", 0))
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+CPU_MMAP_THRESHOLD = 2**20
+
+
+def return_freed_memory_to_os(threshold: int = CPU_MMAP_THRESHOLD) -> bool:
+    """Make glibc serve blocks of ``threshold`` bytes and more straight from the OS, and give them back on free.
+
+    By default glibc raises its mmap threshold to the size of each freed block, up to 32 MiB, and serves smaller
+    blocks from its heaps, which keep freed memory. Training frees tensors of 1-32 MiB all the time (the int8
+    matmuls' dequantized weights, per-layer activations), so the process's RSS ratchets up: measured +0.3 GiB
+    peak and +0.4 GiB at rest after two steps of a 2-layer Gemma 3n (E2B widths, 256 tokens). A fixed
+    threshold also turns the adjustment off. Call once at startup, on the CPU.
+
+    Returns:
+        Whether the setting was applied (False where glibc is not the C library).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+
+
+# ---- the planner ----------------------------------------------------------------------------------------------------
+
 BYTES_PER_WEIGHT = {"int8": 1.0, "nf4": 0.5, "none": None}
+# Bytes per quantized element beyond the payload: int8 keeps one fp32 scale per output row (added per row below),
+# nf4 one fp32 absmax per block of 64 elements.
+NF4_STATS_PER_WEIGHT = 4 / 64
+# LoRA parameters are fp32; each has a gradient and AdamW's two moments: 4 x 4 bytes.
+LORA_BYTES_PER_PARAM = 16
+# Linears that read the same input tensor: bitsandbytes keeps one reference for the group (see ``ModelShape``).
+SHARED_INPUTS = ({"q_proj", "k_proj", "v_proj", "linear_left"}, {"gate_proj", "up_proj"})
+# Linears kept out of int8: the tied head, and Gemma 3n's tiny AltUp maps (4 x 4, 4 x 16, 2048 x 4), whose weights
+# training reads as float matrices (``prediction_coefs.weight.data.clamp_``): ``llm_int8_skip_modules``.
+INT8_SKIP_MODULES = ("lm_head", "correction_coefs", "prediction_coefs", "modality_router")
+
+# Calibrated constants (see the module docstring for the measurements behind them).
+CPU_RUNTIME_BYTES = int(0.489 * GiB)  # peak RSS of a whole fit() on a 1-layer hidden-64 model (see the table)
+CUDA_RUNTIME_BYTES = 256 * 2**20  # allocator slack over allocated memory: an assumption, not measured (no GPU)
+RECOMPUTE_STREAM = 4.98  # one layer's recompute + backward, elements per token per unit of stream width
+RECOMPUTE_INTERMEDIATE = 15.8  # ... per unit of MLP width
+LAYER_FULL_FACTOR = 0.82  # without checkpointing each layer keeps this fraction of one layer's recompute
+LOSS_CHUNK_BYTES_PER_LOGIT = 8.24  # bytes per (chunk token x vocab) alive in the chunked loss's backward
+LOSS_CHUNK_CHOICES = (None, 128, 64, 32, 16)  # None: the loss's default (~256 MiB of fp32 logits)
+# Sequences through the policy per data row: preference pairs run chosen and rejected (the reference model's
+# pass is without grad and keeps no activations).
+TASK_FACTORS = {"preference": 2.0}
 
 
-def estimate_weight_bytes(model_config: object, quant: str, dtype_bytes: int) -> int:
-    """Bytes of the frozen weights, from the config alone (the model is built on the meta device).
+def task_factor(task: str) -> float:
+    """Activation multiplier of a task for :func:`plan_memory`: 2.0 for preference pairs, else 1.0."""
+    return TASK_FACTORS.get(task, 1.0)
 
-    Linear layers of the decoder are quantized (int8: 1 byte, nf4: 0.5 byte + scales); embeddings, norms and the
-    tied head stay in the weights' dtype.
+
+class BudgetTooSmall(UserError):
+    """No plan fits the budget; ``needed`` is the smallest predicted peak in bytes."""
+
+    def __init__(self, message: str, needed: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+
+
+class WeightsExceedBudget(BudgetTooSmall):
+    """The frozen weights (and the adapter's states) alone exceed the budget."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner reads off a model config, from the model built on the meta device.
+
+    Attributes:
+        num_layers: decoder layers.
+        hidden: hidden size H.
+        stream: width of what one layer hands the next (H; Gemma 3n's AltUp carries ``altup_num_inputs`` x H).
+        intermediate: the widest MLP.
+        attention_width: heads x head_dim.
+        heads: attention heads.
+        vocab: rows of the LM head.
+        per_layer_width: Gemma 3n's per-layer inputs per token (layers x ``hidden_size_per_layer_input``), else 0.
+        int8_input_width: summed over layers, the widths of the distinct inputs of quantized linears. On int8,
+            bitsandbytes keeps each input as a plain attribute of its autograd node (``ctx.A``), which
+            checkpointing cannot drop: they stay alive from the forward until that layer's backward.
+        weight_bytes: frozen weight bytes by kind.
+        lora_params: trainable LoRA parameters.
+    """
+
+    num_layers: int
+    hidden: int
+    stream: int
+    intermediate: int
+    attention_width: int
+    heads: int
+    vocab: int
+    per_layer_width: int
+    int8_input_width: int
+    weight_bytes: dict[str, int]
+    lora_params: int
+
+
+def load_model_config(name: str):
+    """A text model config from a config.json path, a model folder, ``gemma-3n-e2b`` (shipped) or a hub id.
+
+    Multimodal configs (Gemma 3n) give their ``text_config``.
+
+    Raises:
+        UserError: when nothing loadable is found.
+    """
+    from transformers import AutoConfig
+
+    path = Path(name).expanduser()
+    if name in SHIPPED_CONFIGS:
+        path = SHIPPED_CONFIGS[name]
+    try:
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or "model_type" not in data:
+                raise UserError(f"{path}: not a model config (no model_type)")
+            config = AutoConfig.for_model(data.pop("model_type"), **data)
+        elif path.is_dir() or name.count("/") == 1 and not name.startswith((".", "/", "~")):
+            config = AutoConfig.from_pretrained(str(path) if path.is_dir() else name)
+        else:
+            raise UserError(
+                f"--model {name}: no such file or folder, and not a hub id (owner/name); "
+                f"shipped configs: {', '.join(SHIPPED_CONFIGS)}"
+            )
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        raise UserError(f"--model {name}: cannot read a model config ({str(err).splitlines()[0]})") from None
+    return getattr(config, "text_config", None) or config
+
+
+def _layer_int8_inputs(layer: torch.nn.Module, quantized: Callable[[str], bool]) -> int:
+    widths: dict[str, int] = {}
+    for name, module in layer.named_modules():
+        if isinstance(module, torch.nn.Linear) and quantized(name):
+            short = name.rsplit(".", 1)[-1]
+            key = next((f"group{i}" for i, group in enumerate(SHARED_INPUTS) if short in group), name)
+            widths[key] = max(widths.get(key, 0), module.in_features)
+    return sum(widths.values())
+
+
+def describe_model(
+    model_config: Any,
+    *,
+    quant: str,
+    dtype_bytes: int,
+    int8_embeddings: bool = True,
+    lora_r: int = 16,
+    lora_targets: Sequence[str] = (),
+) -> ModelShape:
+    """Read the planner's view of a model off its config (built on the meta device: no memory, a few seconds).
+
+    Args:
+        model_config: a transformers text-model config.
+        quant: "int8", "nf4" or "none": how the decoder's linears are held (the LM head never is).
+        dtype_bytes: bytes per element of the frozen non-quantized weights (2 for bf16, 4 for fp32).
+        int8_embeddings: Gemma 3n's per-layer table is row-wise int8 (``ModelConfig.int8_embeddings``).
+        lora_r: LoRA rank.
+        lora_targets: projection names that get an adapter.
+
+    Returns:
+        The :class:`ModelShape`.
     """
     from transformers import AutoModelForCausalLM
 
+    if quant not in BYTES_PER_WEIGHT:
+        raise UserError(f"quant={quant!r} is not one of {', '.join(BYTES_PER_WEIGHT)}")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
-    total, seen = 0.0, set()
-    per_quantized = BYTES_PER_WEIGHT[quant] or dtype_bytes
+    decoder = model.get_decoder()
+    table = getattr(decoder, "embed_tokens_per_layer", None)
+    head = model.get_output_embeddings()
+    per_quantized = BYTES_PER_WEIGHT[quant]
+
+    def quantized(name: str) -> bool:
+        return per_quantized is not None and name.rsplit(".", 1)[-1] not in INT8_SKIP_MODULES
+
+    weights = {"quantized linears": 0.0, "embedding and head": 0.0, "per-layer embedding": 0.0, "other frozen": 0.0}
+    seen: set[int] = set()
     for name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             if id(param) in seen:  # a tied head shares the embedding's tensor
                 continue
             seen.add(id(param))
-            quantized = isinstance(module, torch.nn.Linear) and param_name == "weight" and "lm_head" not in name
-            total += param.numel() * (per_quantized if quantized else dtype_bytes)
-    return int(total)
+            if isinstance(module, torch.nn.Linear) and param_name == "weight" and quantized(name):
+                stats = 4 * param.shape[0] if quant == "int8" else param.numel() * NF4_STATS_PER_WEIGHT
+                weights["quantized linears"] += param.numel() * per_quantized + stats
+            elif module is table:
+                per_row = param.shape[1] + 4 if int8_embeddings else param.shape[1] * dtype_bytes
+                weights["per-layer embedding"] += param.shape[0] * per_row
+            elif module is head or module is model.get_input_embeddings():
+                weights["embedding and head"] += param.numel() * dtype_bytes
+            else:
+                weights["other frozen"] += param.numel() * dtype_bytes
+
+    targets = set(lora_targets)
+    lora = sum(
+        lora_r * (m.in_features + m.out_features)
+        for name, m in decoder.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    )
+    layers = list(decoder.layers)
+    cfg = model_config
+    altup = getattr(cfg, "altup_num_inputs", 1) or 1
+    int8_inputs = 0
+    if quant == "int8":
+        int8_inputs = sum(_layer_int8_inputs(layer, quantized) for layer in layers)
+        if hasattr(decoder, "altup_unembed_projections"):
+            # Gemma 3n's AltUp unembedding multiplies views of the last layer's (altup, B, T, H) output: the int8
+            # matmuls' kept inputs hold that whole stream (the linears before the layers see no grad: kept nothing)
+            int8_inputs += altup * cfg.hidden_size
+    intermediate = cfg.intermediate_size
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    per_layer = getattr(cfg, "hidden_size_per_layer_input", 0) or 0
+    return ModelShape(
+        num_layers=len(layers),
+        hidden=cfg.hidden_size,
+        stream=cfg.hidden_size * altup,
+        intermediate=max(intermediate) if isinstance(intermediate, (list, tuple)) else intermediate,
+        attention_width=heads * head_dim,
+        heads=heads,
+        vocab=head.weight.shape[0],
+        per_layer_width=per_layer * len(layers),
+        int8_input_width=int8_inputs,
+        weight_bytes={k: int(v) for k, v in weights.items()},
+        lora_params=lora,
+    )
+
+
+def estimate_weight_bytes(model_config: object, quant: str, dtype_bytes: int, *, int8_embeddings: bool = False) -> int:
+    """Bytes of the frozen weights, from the config alone (the model is built on the meta device).
+
+    Linear layers of the decoder are quantized (int8: 1 byte + a scale per row, nf4: 0.5 byte + block scales);
+    embeddings, norms and the tied head stay in the weights' dtype; with ``int8_embeddings`` Gemma 3n's
+    per-layer table is row-wise int8 (``ModelConfig.int8_embeddings``).
+    """
+    shape = describe_model(model_config, quant=quant, dtype_bytes=dtype_bytes, int8_embeddings=int8_embeddings)
+    return sum(shape.weight_bytes.values())
+
+
+def fixed_bytes(shape: ModelShape, device_type: str) -> int:
+    """What a step holds whatever the batch: frozen weights, the adapter's states and the runtime."""
+    runtime = CPU_RUNTIME_BYTES if device_type == "cpu" else CUDA_RUNTIME_BYTES
+    return sum(shape.weight_bytes.values()) + shape.lora_params * LORA_BYTES_PER_PARAM + runtime
+
+
+def default_loss_chunk(vocab: int) -> int:
+    """Tokens per loss chunk that ``kernels.linear_cross_entropy`` picks when none is given."""
+    return max(1, DEFAULT_CHUNK_BYTES // (vocab * 4))
+
+
+def _activation_bytes(
+    shape: ModelShape,
+    *,
+    batch_size: int,
+    seq_len: int,
+    act_bytes: int,
+    gradient_checkpointing: bool,
+    loss_chunk_size: int | None,
+    packed: bool,
+    task_factor: float,
+    int8_keeps_inputs: bool,
+) -> dict[str, float]:
+    tokens = batch_size * seq_len * task_factor  # (B x T) rows of tokens through the policy, per micro-batch
+    a = act_bytes
+    h = shape.hidden
+    masks = 2 * batch_size * seq_len * seq_len * task_factor if packed else 0  # (B, 1, T, T) bool, full + sliding
+    per_layer_recompute = tokens * a * (RECOMPUTE_STREAM * shape.stream + RECOMPUTE_INTERMEDIATE * shape.intermediate)
+    # Gemma 3n's per-layer inputs (B, T, layers x 256) feed every layer; packed rows carry their masks
+    out = {"model-level activations": tokens * a * shape.per_layer_width + masks}
+    if gradient_checkpointing:
+        out["layer inputs kept by checkpointing"] = tokens * a * shape.num_layers * shape.stream
+        if shape.int8_input_width and int8_keeps_inputs:
+            out["int8 matmul inputs kept (bitsandbytes)"] = tokens * a * shape.int8_input_width
+        layer = per_layer_recompute
+    else:
+        out["all layers' activations"] = shape.num_layers * LAYER_FULL_FACTOR * per_layer_recompute
+        layer = 0.0
+    chunk = min(loss_chunk_size or default_loss_chunk(shape.vocab), int(tokens))  # no chunk beyond the tokens
+    loss = chunk * shape.vocab * LOSS_CHUNK_BYTES_PER_LOGIT + 2 * tokens * h * a  # + hidden and its gradient
+    # The loss's backward finishes before the last layer's recompute starts: only the larger is alive.
+    out["one layer's recompute" if layer >= loss else "loss chunk"] = max(layer, loss)
+    return out
+
+
+def predict_peak(
+    model_config: Any,
+    *,
+    quant: str,
+    dtype_bytes: int,
+    lora_r: int,
+    lora_targets: Sequence[str],
+    batch_size: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+    loss_chunk_size: int | None,
+    device_type: str,
+    act_bytes: int | None = None,
+    packed: bool = True,
+    int8_embeddings: bool = True,
+    task_factor: float = 1.0,
+    int8_keeps_inputs: bool = True,
+    shape: ModelShape | None = None,
+) -> dict[str, int]:
+    """Predicted peak memory of one training step, by part (bytes); the peak is the sum.
+
+    Args:
+        model_config: the text model's config.
+        quant, dtype_bytes, int8_embeddings, lora_r, lora_targets: as in :func:`describe_model`.
+        batch_size: rows per micro-batch.
+        seq_len: tokens per row.
+        gradient_checkpointing: recompute each layer in backward.
+        loss_chunk_size: tokens per loss chunk (None: the loss's default).
+        device_type: "cpu" (peak RSS, with the Python runtime) or "cuda" (peak reserved).
+        act_bytes: bytes per activation element (the autocast dtype; default ``dtype_bytes``).
+        packed: packed rows carry two (B, 1, T, T) masks.
+        task_factor: sequences through the policy per row (2.0 for preference pairs, see :func:`plan_memory`).
+        int8_keeps_inputs: bitsandbytes' int8 matmuls keep their inputs past checkpointing (see ``ModelShape``).
+        shape: a :func:`describe_model` result to reuse (skips the meta-device build).
+
+    Returns:
+        ``{part: bytes}``.
+    """
+    shape = shape or describe_model(
+        model_config, quant=quant, dtype_bytes=dtype_bytes, int8_embeddings=int8_embeddings, lora_r=lora_r,
+        lora_targets=lora_targets,
+    )
+    parts: dict[str, float] = dict(shape.weight_bytes)
+    parts["LoRA weights, grads, AdamW"] = shape.lora_params * LORA_BYTES_PER_PARAM
+    parts["runtime"] = CPU_RUNTIME_BYTES if device_type == "cpu" else CUDA_RUNTIME_BYTES
+    parts.update(
+        _activation_bytes(
+            shape, batch_size=batch_size, seq_len=seq_len, act_bytes=act_bytes or dtype_bytes,
+            gradient_checkpointing=gradient_checkpointing, loss_chunk_size=loss_chunk_size, packed=packed,
+            task_factor=task_factor, int8_keeps_inputs=int8_keeps_inputs,
+        )
+    )
+    return {k: int(v) for k, v in parts.items() if v}
+
+
+@dataclass
+class MemoryPlan:
+    """The planner's choices for a budget, and the predicted peak they give.
+
+    Attributes:
+        batch_size: rows of ``max_seq_length`` tokens per micro-batch.
+        grad_accum: micro-batches per optimizer step (``batch_size * grad_accum`` rows reach the global batch).
+        gradient_checkpointing: recompute each layer in backward.
+        loss_chunk_size: tokens per loss chunk (None: the loss's default, ~256 MiB of fp32 logits).
+        predicted_peak: bytes (the sum of ``breakdown``).
+        breakdown: ``{part: bytes}``.
+        budget: the budget in bytes.
+        seq_len: tokens per row the plan was made for.
+    """
+
+    batch_size: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    loss_chunk_size: int | None
+    predicted_peak: int
+    breakdown: dict[str, int]
+    budget: int
+    seq_len: int = 0
+
+    def table(self) -> str:
+        """A readable table: each part of the predicted peak, the total against the budget, and the choices."""
+        width = max(len(k) for k in [*self.breakdown, "predicted peak"]) + 2
+        lines = [f"{'part':<{width}}{'GiB':>8}", "-" * (width + 8)]
+        lines += [f"{k:<{width}}{v / GiB:>8.2f}" for k, v in self.breakdown.items()]
+        lines += ["-" * (width + 8), f"{'predicted peak':<{width}}{self.predicted_peak / GiB:>8.2f}",
+                  f"{'budget':<{width}}{self.budget / GiB:>8.2f}", ""]
+        chunk = "default" if self.loss_chunk_size is None else f"{self.loss_chunk_size} tokens"
+        lines += [
+            f"micro-batch: {self.batch_size} x {self.seq_len} tokens; grad_accum {self.grad_accum} "
+            f"(global batch {self.batch_size * self.grad_accum} rows)",
+            f"gradient checkpointing: {'on' if self.gradient_checkpointing else 'off'}; loss chunk: {chunk}",
+        ]
+        return "\n".join(lines)
+
+    def apply(self, cfg: RunConfig) -> RunConfig:
+        """A copy of ``cfg`` with the plan's batch size, accumulation, checkpointing and loss chunk."""
+        train = replace(
+            cfg.train, batch_size=self.batch_size, grad_accum=self.grad_accum,
+            gradient_checkpointing=self.gradient_checkpointing, loss_chunk_size=self.loss_chunk_size,
+        )
+        return replace(cfg, train=train)
+
+
+def plan_memory(
+    model_config: Any,
+    *,
+    budget: int,
+    quant: str,
+    dtype_bytes: int,
+    lora_r: int,
+    lora_targets: Sequence[str],
+    max_seq_length: int,
+    global_batch_tokens: int,
+    device_type: str,
+    task_factor: float = 1.0,
+    act_bytes: int | None = None,
+    int8_embeddings: bool = True,
+    packed: bool = True,
+    int8_keeps_inputs: bool = True,
+    shape: ModelShape | None = None,
+) -> MemoryPlan:
+    """Choose micro-batch, accumulation, checkpointing and loss chunk so that the predicted peak fits ``budget``.
+
+    Preference, fastest first: checkpointing off (recompute costs about a third more compute) over a larger
+    micro-batch; then the largest micro-batch that divides the global batch (so that ``batch_size * grad_accum``
+    is exactly the global batch in rows); then the largest loss chunk.
+
+    Args:
+        model_config: the text model's config.
+        budget: bytes (``parse_size(--max-mem)``).
+        quant, dtype_bytes, lora_r, lora_targets, int8_embeddings: as in :func:`describe_model`.
+        max_seq_length: tokens per row (packed rows are this long).
+        global_batch_tokens: tokens per optimizer step to reach (rounded up to whole rows).
+        device_type: "cpu" or "cuda".
+        task_factor: sequences through the policy per row: 1.0 for SFT; 2.0 for preference pairs (chosen and
+            rejected both keep activations; the reference model's pass runs without grad and keeps none).
+        act_bytes: bytes per activation element (default ``dtype_bytes``).
+        packed: rows are packed (they carry block-diagonal masks).
+        int8_keeps_inputs: bitsandbytes' int8 matmuls keep their inputs past checkpointing (see ``ModelShape``).
+        shape: a :func:`describe_model` result to reuse (skips the meta-device build).
+
+    Returns:
+        The :class:`MemoryPlan`.
+
+    Raises:
+        WeightsExceedBudget: the frozen weights, adapter states and runtime alone exceed the budget.
+        BudgetTooSmall: even one row with checkpointing and the smallest loss chunk does not fit.
+    """
+    shape = shape or describe_model(
+        model_config, quant=quant, dtype_bytes=dtype_bytes, int8_embeddings=int8_embeddings, lora_r=lora_r,
+        lora_targets=lora_targets,
+    )
+    rows = max(1, -(-global_batch_tokens // max_seq_length))
+
+    def predict(batch: int, checkpointing: bool, chunk: int | None, seq: int = max_seq_length) -> dict[str, int]:
+        return predict_peak(
+            model_config, quant=quant, dtype_bytes=dtype_bytes, lora_r=lora_r, lora_targets=lora_targets,
+            batch_size=batch, seq_len=seq, gradient_checkpointing=checkpointing, loss_chunk_size=chunk,
+            device_type=device_type, act_bytes=act_bytes, packed=packed, task_factor=task_factor,
+            int8_keeps_inputs=int8_keeps_inputs, shape=shape,
+        )
+
+    fixed = fixed_bytes(shape, device_type)
+    needed = sum(predict(1, True, LOSS_CHUNK_CHOICES[-1]).values())  # the smallest plan
+    if fixed > budget:
+        raise WeightsExceedBudget(
+            f"--max-mem {format_size(budget)} is below the frozen weights, adapter and runtime alone "
+            f"({format_size(fixed)} with --quant {quant}); training needs at least {format_size(needed)}",
+            needed=needed,
+        )
+    batches = [b for b in range(rows, 0, -1) if rows % b == 0]  # divisors: accumulation hits the global batch
+    for checkpointing in (False, True):
+        for batch in batches:
+            for chunk in LOSS_CHUNK_CHOICES:
+                parts = predict(batch, checkpointing, chunk)
+                peak = sum(parts.values())
+                if peak <= budget:
+                    return MemoryPlan(batch, rows // batch, checkpointing, chunk, peak, parts, budget,
+                                      max_seq_length)
+    shorter = next((seq for seq in (max_seq_length >> i for i in range(1, 8))
+                    if seq >= 64 and sum(predict(1, True, LOSS_CHUNK_CHOICES[-1], seq).values()) <= budget), None)
+    hint = f"--max-seq-length {shorter} fits" if shorter else "no row length of 64 tokens or more fits"
+    raise BudgetTooSmall(
+        f"--max-mem {format_size(budget)} is too small for rows of {max_seq_length} tokens: one row with "
+        f"checkpointing needs {format_size(needed)}; give more memory, or a smaller --max-seq-length ({hint})",
+        needed=needed,
+    )
+
+
+def enforce_cap(budget: int, device: torch.device) -> float | None:
+    """Cap this process's CUDA allocator at ``budget`` bytes (``set_per_process_memory_fraction``).
+
+    Beyond the cap, allocations raise ``torch.OutOfMemoryError`` instead of growing (the loop then halves the
+    micro-batch, see :func:`halve_on_oom`). On the CPU nothing is capped (an address-space limit would count
+    mapped files and reserved-but-untouched memory); the peak RSS is measured and reported instead.
+
+    Returns:
+        The fraction of the GPU's memory set, or None on the CPU.
+    """
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, budget / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
+
+
+def is_oom(err: BaseException) -> bool:
+    """An out-of-memory error from the CUDA caching allocator or the CPU allocator."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def halve_on_oom(batch_size: int, grad_accum: int) -> tuple[int, int]:
+    """The next try after an out-of-memory error: half the rows per micro-batch, about twice the accumulation.
+
+    The global batch (``batch_size * grad_accum`` rows) stays the same for an even micro-batch and never shrinks
+    for an odd one (3 x 1 -> 1 x 3), so the objective does not change.
+
+    Expected use in the loop, around one optimizer step's window::
+
+        try:
+            window_loss, window_tokens, extras = backward_window(...)
+        except Exception as err:
+            if not is_oom(err):
+                raise
+            optimizer.zero_grad(set_to_none=True)  # drop the partial gradients of the failed window
+            del window  # and its batches, before retrying
+            torch.cuda.empty_cache()  # give the freed blocks back so that the cap counts only live memory
+            batch_size, grad_accum = halve_on_oom(batch_size, grad_accum)
+            tqdm.write(f"out of memory: micro-batch {batch_size} rows, grad_accum {grad_accum}")  # and log it
+            ...rebuild the batch plan with the new batch_size and redo the same step
+
+    Raises:
+        BudgetTooSmall: the micro-batch is already one row.
+    """
+    if batch_size <= 1:
+        raise BudgetTooSmall(
+            "out of memory with a micro-batch of one row: give more memory (--max-mem), a smaller "
+            "--max-seq-length, or --gradient-checkpointing",
+            needed=0,
+        )
+    smaller = batch_size // 2
+    return smaller, -(-batch_size * grad_accum // smaller)

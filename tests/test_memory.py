@@ -1,0 +1,253 @@
+"""Memory: size parsing, the planner (weights, monotonicity, accumulation, refusals), the plan script, PeakMemory."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemma_lowmem.cli import run_script
+from gemma_lowmem.config import LoraConfig, RunConfig
+from gemma_lowmem.errors import UserError
+from gemma_lowmem.memory import (
+    BudgetTooSmall,
+    GiB,
+    PeakMemory,
+    WeightsExceedBudget,
+    describe_model,
+    enforce_cap,
+    estimate_weight_bytes,
+    fixed_bytes,
+    halve_on_oom,
+    is_oom,
+    load_model_config,
+    parse_size,
+    plan_memory,
+    predict_peak,
+    task_factor,
+)
+from tests.tiny import gemma3_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = LoraConfig().target_modules
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("8GB", 8 * 10**9),
+        ("8GiB", 8 * 2**30),
+        ("7.5G", 7.5 * 10**9),
+        ("8000MB", 8 * 10**9),
+        (" 512 mib ", 512 * 2**20),
+        ("1.5TB", 1.5 * 10**12),
+        ("4096", 4096),
+    ],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == int(expected)
+
+
+@pytest.mark.parametrize("text", ["", "GB", "eight GB", "8XB", "-1GB", "0GB", "8 G B", "1e9"])
+def test_parse_size_rejects(text):
+    with pytest.raises(UserError, match="--max-mem"):
+        parse_size(text)
+
+
+def test_describe_model_counts_weights_and_lora_by_hand():
+    cfg = gemma3_config(layers=2)  # hidden 64, MLP 128, 4 heads x 16, 2 KV heads, vocab 1000, tied head
+    shape = describe_model(cfg, quant="int8", dtype_bytes=2, lora_r=4, lora_targets=["q_proj", "down_proj"])
+    h, i, q, kv = 64, 128, 64, 32
+    per_layer = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
+                 "up_proj": (h, i), "down_proj": (i, h)}
+    int8 = 2 * sum(n_in * n_out + 4 * n_out for n_in, n_out in per_layer.values())  # 1 byte + fp32 row scale
+    assert shape.weight_bytes["quantized linears"] == int8
+    assert shape.weight_bytes["embedding and head"] == 1000 * 64 * 2  # tied: counted once
+    assert shape.lora_params == 2 * 4 * ((h + q) + (i + h))
+    # distinct inputs of the int8 linears per layer: hidden (q/k/v), attention (o), hidden (gate/up), MLP (down)
+    assert shape.int8_input_width == 2 * (h + q + h + i)
+    assert estimate_weight_bytes(cfg, "none", 4) == 4 * sum(p.numel() for p in _meta_model(cfg).parameters())
+
+
+def _meta_model(cfg):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.fixture(scope="module")
+def e2b():
+    return load_model_config("gemma-3n-e2b")
+
+
+def test_shipped_e2b_config_has_the_published_size(e2b):
+    model = _meta_model(e2b)
+    assert sum(p.numel() for p in model.parameters()) == 4_435_182_688
+    assert model.model.embed_tokens_per_layer.weight.shape == (262_144, 30 * 256)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert (e2b.hidden_size, e2b.num_hidden_layers, e2b.num_key_value_heads, e2b.head_dim) == (2048, 30, 2, 256)
+    assert e2b.layer_types.count("full_attention") == 6 and e2b.final_logit_softcapping == 30.0
+    shape = describe_model(e2b, quant="int8", dtype_bytes=2, int8_embeddings=True, lora_r=16, lora_targets=TARGETS)
+    # the per-layer table as row-wise int8: one byte per element and an fp32 scale per row
+    assert shape.weight_bytes["per-layer embedding"] == 262_144 * (7680 + 4)
+    assert shape.stream == 4 * 2048
+
+
+SMALL = dict(layers=4, hidden_size=256, intermediate_size=1024)
+PLAN = dict(quant="int8", dtype_bytes=4, lora_r=16, lora_targets=TARGETS, device_type="cpu")
+
+
+def _peak(batch: int, checkpointing: bool, chunk: int | None, seq: int = 512) -> int:
+    parts = predict_peak(gemma3_config(**SMALL), batch_size=batch, seq_len=seq, gradient_checkpointing=checkpointing,
+                         loss_chunk_size=chunk, **PLAN)
+    return sum(parts.values())
+
+
+def _plan(budget: float, max_seq_length: int = 512, global_batch_tokens: int = 8 * 512):
+    return plan_memory(gemma3_config(**SMALL), budget=int(budget), max_seq_length=max_seq_length,
+                       global_batch_tokens=global_batch_tokens, **PLAN)
+
+
+def test_plan_fits_its_budget_and_grows_with_it():
+    least, most = _peak(1, True, 16), _peak(8, False, None)  # the smallest and the fastest plans
+    budgets = [least + f * (most - least) for f in (0.0, 0.05, 0.2, 0.5, 0.8, 1.0)] + [2 * most]
+    plans = [_plan(b) for b in budgets]
+    for budget, plan in zip(budgets, plans):
+        assert plan.predicted_peak <= budget
+        assert plan.predicted_peak == sum(plan.breakdown.values())
+    speed = [(not p.gradient_checkpointing, p.batch_size) for p in plans]
+    assert speed == sorted(speed), "more memory must never give a slower plan"
+    assert (plans[0].gradient_checkpointing, plans[0].batch_size) == (True, 1)
+    assert (plans[-1].gradient_checkpointing, plans[-1].batch_size, plans[-1].loss_chunk_size) == (False, 8, None)
+
+
+@pytest.mark.parametrize(("seq", "global_tokens", "rows"), [(512, 4096, 8), (512, 5000, 10), (512, 3584, 7),
+                                                           (1024, 100, 1)])
+def test_accumulation_reaches_the_global_batch(seq, global_tokens, rows):
+    least, most = _peak(1, True, 16, seq), _peak(16, False, None, seq)
+    for budget in (least, (least + most) / 2, 2 * most):
+        plan = _plan(budget, max_seq_length=seq, global_batch_tokens=global_tokens)
+        assert plan.batch_size * plan.grad_accum == rows
+
+
+def test_weights_over_budget_name_the_needed_size(e2b):
+    with pytest.raises(WeightsExceedBudget, match=r"needs at least \d+\.\d\d GiB") as err:
+        plan_memory(e2b, budget=parse_size("4GB"), quant="int8", dtype_bytes=2, lora_r=16, lora_targets=TARGETS,
+                    max_seq_length=2048, global_batch_tokens=16384, device_type="cpu")
+    assert err.value.needed > parse_size("4GB")
+    assert isinstance(err.value, UserError)
+
+
+def test_budget_that_fits_weights_but_no_row_is_refused():
+    fixed = fixed_bytes(describe_model(gemma3_config(**SMALL), quant="int8", dtype_bytes=4, lora_r=16,
+                                       lora_targets=TARGETS), "cpu")
+    budget = fixed + 2**20  # the weights fit, a 32k-token row does not
+    with pytest.raises(BudgetTooSmall, match="smaller --max-seq-length") as err:
+        _plan(budget, max_seq_length=32768, global_batch_tokens=32768)
+    assert not isinstance(err.value, WeightsExceedBudget)
+    assert err.value.needed == _peak(1, True, 16, 32768) > budget
+    with pytest.raises(WeightsExceedBudget):
+        _plan(fixed - 2**20)
+
+
+def test_prediction_grows_with_tokens_and_without_checkpointing():
+    peaks = [_peak(b, True, None) for b in (1, 2, 4)]
+    assert peaks[0] < peaks[1] < peaks[2]
+    assert _peak(4, False, None) > peaks[-1]
+    assert _peak(4, True, 16) <= peaks[-1]
+    cfg = gemma3_config(**SMALL)
+    pairs = predict_peak(cfg, batch_size=4, seq_len=512, gradient_checkpointing=True, loss_chunk_size=None,
+                         task_factor=2.0, **PLAN)
+    assert sum(pairs.values()) > peaks[-1] and task_factor("preference") == 2.0 and task_factor("summary_eval") == 1
+    fixed_int8 = predict_peak(cfg, batch_size=4, seq_len=512, gradient_checkpointing=True, loss_chunk_size=None,
+                              int8_keeps_inputs=False, **PLAN)
+    assert sum(fixed_int8.values()) < peaks[-1]
+
+
+def test_plan_apply_and_table():
+    plan = _plan(_peak(2, True, None))
+    cfg = RunConfig()
+    applied = plan.apply(cfg)
+    assert (applied.train.batch_size, applied.train.grad_accum) == (plan.batch_size, plan.grad_accum)
+    assert applied.train.gradient_checkpointing == plan.gradient_checkpointing
+    assert applied.train.loss_chunk_size == plan.loss_chunk_size
+    assert cfg == RunConfig() and applied.model == cfg.model  # a copy; the rest untouched
+    table = plan.table()
+    for part in plan.breakdown:
+        assert part in table
+    assert "predicted peak" in table and "grad_accum" in table
+    assert replace(plan, batch_size=3).table() != table
+
+
+def test_halve_on_oom_keeps_the_global_batch():
+    assert halve_on_oom(4, 2) == (2, 4)
+    assert halve_on_oom(3, 1) == (1, 3)  # odd: the global batch never shrinks
+    assert halve_on_oom(5, 2) == (2, 5)
+    with pytest.raises(BudgetTooSmall, match="one row"):
+        halve_on_oom(1, 8)
+    assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert not is_oom(RuntimeError("shape mismatch"))
+    assert enforce_cap(GiB, torch.device("cpu")) is None
+
+
+def test_load_model_config_errors(tmp_path):
+    with pytest.raises(UserError, match="no such file or folder"):
+        load_model_config(str(tmp_path / "missing.json"))
+    bad = tmp_path / "config.json"
+    bad.write_text('{"hidden_size": 8}')
+    with pytest.raises(UserError, match="no model_type"):
+        load_model_config(str(bad))
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="cannot read a model config"):
+        load_model_config(str(bad))
+
+
+def _run_plan_script(args: list[str], monkeypatch) -> None:
+    script = runpy.run_path(str(ROOT / "scripts" / "plan_memory.py"), run_name="plan_memory")
+    monkeypatch.setattr(sys, "argv", ["plan_memory.py", *args])
+    run_script(script["main"])
+
+
+def test_plan_script_end_to_end_on_the_shipped_config(monkeypatch, capsys):
+    _run_plan_script(["--model", "gemma-3n-e2b", "--max-mem", "24GB", "--device", "cpu", "--dtype", "fp32",
+                      "--precision", "fp32"], monkeypatch)
+    out = capsys.readouterr().out
+    assert "30 layers, hidden 2048, vocab 262400" in out
+    assert "predicted peak" in out and "per-layer embedding" in out and "grad_accum" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "gemma-3n-e2b", "--max-mem", "8XB"], "error: --max-mem '8XB' is not a size"),
+        (["--model", "gemma-3n-e2b", "--max-mem", "3GB", "--device", "cpu"], "needs at least"),
+        (["--model", "./no/such/model"], "no such file or folder"),
+        (["--model", "gemma-3n-e2b", "--max-seq-length", "0"], "--max-seq-length=0 must be > 0"),
+    ],
+)
+def test_plan_script_bad_input_is_one_line_and_exit_2(args, message, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _run_plan_script(args, monkeypatch)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_peak_memory_reset_and_read_on_cpu():
+    memory = PeakMemory(torch.device("cpu"))
+    memory.reset()
+    before = memory.peak()
+    block = torch.ones(300 * 2**20 // 4)  # 300 MiB, touched
+    grown = memory.read()["peak_rss"]
+    del block  # a block this large is returned to the OS at once
+    assert grown - before > 250 * 2**20
+    # the high-water mark stays after the free (the kernel updates it lazily: a few pages of slack)...
+    assert memory.peak() > grown - 8 * 2**20
+    memory.reset()
+    assert memory.peak() < grown - 250 * 2**20  # ...until a new phase starts
