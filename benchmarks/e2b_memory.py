@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Peak memory of LoRA training on an int8 model built from its config alone: predicted vs measured.
 
-The default builds the full Gemma 3n E2B text model (the config shipped in ``gemma_lowmem/configs``: 4.46B
+The default builds the full Gemma 3n E2B text model (the config shipped in ``gemma_lowmem/configs``: 4.44B
 parameters) with random weights written straight into their final form: decoder projections as bitsandbytes
 ``Linear8bitLt`` (random int8 weights and row scales: no float copy of a weight ever exists), the per-layer
 embedding table as a row-wise int8 ``kernels.Int8Embedding`` (drawn a chunk of rows at a time), the tied
@@ -9,14 +9,19 @@ embedding and the norms in the weights' dtype. It then adds the default LoRA ada
 ``gemma_lowmem.train.fit`` on random token rows and prints one JSON line with the planner's prediction
 (``gemma_lowmem.memory.predict_peak``), the measured peak and their ratio.
 
-On the CPU the measured peak is the process's peak resident memory (VmHWM): the whole process, imports, build and
-training included; ``train_peak_gib`` is the training phase alone (the loop resets the high-water mark).
+On the CPU the measured peak is the process's peak resident memory (VmHWM): the larger of the build phase
+(``build_peak_gib``: imports, weights, LoRA) and the training phase (``train_peak_gib``: the loop resets the
+high-water mark). Rows carry labels on their last ``--answer-tokens`` (a prompt, then the answer). Measured on
+2 shared AVX2 cores (fp32): the E2B build takes ~5 min and one 2048-token step 15-30 min; ``--warmup-tokens 128``
+makes the first step a short row that allocates the gradients and AdamW states, so that the second, full step
+holds all a steady-state step holds, in half the time.
 
 The same harness measures any Gemma 3 / 3n config (``--config``) or a real model (``--load``), which is how the
 planner's constants were calibrated (``--calibrate`` runs that grid, one subprocess per measurement).
 
 Examples:
-  python benchmarks/e2b_memory.py                               # E2B, 2 steps of 1 x 2048 tokens (~15 min on 2 cores)
+  python benchmarks/e2b_memory.py                               # E2B, 2 steps of 1 x 2048 tokens
+  python benchmarks/e2b_memory.py --drop-int8-inputs --warmup-tokens 128   # what-if: int8 inputs not kept
   python benchmarks/e2b_memory.py --config path/to/config.json --tokens 1024 --batch-size 2
   python benchmarks/e2b_memory.py --load gemma-3-270m --tokens 2048 --batch-size 2
   python benchmarks/e2b_memory.py --calibrate                   # the calibration grid of gemma_lowmem/memory.py

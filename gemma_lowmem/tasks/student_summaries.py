@@ -484,7 +484,8 @@ def _factual_error(ref_sents: list[str], article: str, lang: str,
         # One fact per type in turn (numbers, names and dates in random order, antonyms last), so summaries rich in
         # capitalised words do not get only name swaps.
         rng.shuffle(candidates)
-        types = sorted({c[0] for c in candidates}, key=lambda t: (t == "antonym", rng.random()))
+        # sorted() before the random keys: iterating a set of strings depends on PYTHONHASHSEED
+        types = sorted(sorted({c[0] for c in candidates}), key=lambda t: (t == "antonym", rng.random()))
         rank = {t: i for i, t in enumerate(types)}
         seen: dict[str, int] = {}
         order = []
