@@ -135,8 +135,9 @@ def _text_only(path: str) -> dict:
     text_config = getattr(config, "text_config", None)
     if text_config is None:
         return {"config": config}
-    # The checkpoint stores the language model under model.language_model.*; a text-only causal LM expects model.*
-    return {"config": text_config, "key_mapping": {r"^model\.language_model\.": "model."}}
+    # Checkpoints store the language model under model.language_model.* (hub) or language_model.model.* (older
+    # saves); a text-only causal LM expects model.*. Vision and audio weights match nothing and are never loaded.
+    return {"config": text_config, "key_mapping": {r"^(?:model\.)?language_model\.(?:model\.)?": "model."}}
 
 
 def load_base_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:

@@ -1,0 +1,34 @@
+"""Model loading: a multimodal checkpoint loads as a text-only causal LM with the same language-model weights."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+from gemma_lowmem.config import ModelConfig
+from gemma_lowmem.model import load_base_model
+from tests.tiny import gemma3_config, tiny_tokenizer
+
+
+@pytest.mark.parametrize("prefix", ["language_model.model.", "model.language_model."])
+def test_multimodal_checkpoint_loads_only_the_language_model(tmp_path, prefix):
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    config = Gemma3Config(text_config=gemma3_config().to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    multimodal = Gemma3ForConditionalGeneration(config).eval()
+    multimodal.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    # Rewrite the keys in the given layout (transformers saves one, hub checkpoints use the other).
+    old = "language_model.model."
+    renamed = {prefix + k[len(old):] if k.startswith(old) else k: v for k, v in weights.items()}
+    assert any(k.startswith(prefix + "layers.0.") for k in renamed)
+    save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+
+    model = load_base_model(ModelConfig(model=str(tmp_path), quant="none", dtype="fp32"), torch.device("cpu"))
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    assert not any("vision" in name or "multi_modal" in name for name, _ in model.named_parameters())
+    ids = torch.randint(6, 1000, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, multimodal(input_ids=ids).logits)
