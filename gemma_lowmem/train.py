@@ -305,6 +305,7 @@ def fit(
         "best_val": None,
         "bad_evals": 0,
         "skipped": 0,
+        "last_loss": None,  # checkpointed: a resume from the final checkpoint still reports the final loss
     }
 
     if ranks.is_main:
@@ -343,7 +344,7 @@ def fit(
     model.train()
     memory.reset()
     stream = _micro_batches(plan_for, counters["epoch"], counters["index"])
-    stopped, bad_in_row, last_loss, record, first_step = "max_steps", 0, None, {}, counters["step"]
+    stopped, bad_in_row, record, first_step = "max_steps", 0, {}, counters["step"]
     t_last, tokens_last = time.perf_counter(), counters["loss_tokens"]
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
 
@@ -370,7 +371,7 @@ def fit(
             loss_ok, grad_ok = math.isfinite(loss), bool(torch.isfinite(grad_norm))
             if loss_ok and grad_ok:
                 scaler.step(optimizer)
-                bad_in_row, last_loss = 0, loss
+                bad_in_row, counters["last_loss"] = 0, loss
             else:  # skip the update: the weights and the optimizer state stay the last good ones
                 counters["skipped"] += 1
                 # fp16: GradScaler lowers its scale after an overflow; while the scale is >= 1 that is routine
@@ -470,7 +471,7 @@ def fit(
         tokens=counters["tokens"],
         loss_tokens=counters["loss_tokens"],
         seconds=counters["seconds"],
-        final_loss=last_loss,
+        final_loss=counters["last_loss"],
         best_val_loss=counters["best_val"],
         peak_memory=memory.read(),
         skipped_steps=counters["skipped"],

@@ -120,6 +120,12 @@ def test_resume_gives_the_same_losses(tmp_path):
     losses_resumed = [r["loss"] for r in resumed.history]
     assert len(losses_full) == 6 and len(losses_resumed) == 3
     assert losses_resumed == pytest.approx(losses_full[3:], rel=1e-6)
+    assert resumed.final_loss == pytest.approx(full.final_loss, rel=1e-6)
+    # killed after the final checkpoint but before the summary: resuming there trains nothing, same summary
+    cfg_end = TrainConfig(**{**cfg.__dict__, "resume": str(tmp_path / "a" / "checkpoints" / "step-000006")})
+    at_end = fit(add_lora(tiny_gemma3(), lora, True), data, [], cfg_end, run_dir=tmp_path / "c", pad_id=0,
+                 show_progress=False)
+    assert (at_end.steps, at_end.final_loss) == (full.steps, full.final_loss)
 
 
 def test_saved_adapter_loads_with_peft_and_gives_same_logits(tmp_path):
