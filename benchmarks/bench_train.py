@@ -343,12 +343,13 @@ def profiled(settings: Settings, name: str) -> Iterator[None]:
 
 def run_ours(name: str, settings: Settings) -> dict[str, Any]:
     """gemma-lowmem's loop with the variant's switches: warm-up step, then one timed epoch."""
+    from gemma_lowmem.memory import PLANNED
     from gemma_lowmem.run import setup
 
     cfg = run_config(settings, VARIANTS[name])
     with tempfile.TemporaryDirectory() as tmp:
         cfg.train.output_dir = tmp
-        prepared = setup(cfg)
+        prepared = setup(cfg, keep=PLANNED)  # the variant's settings as they are: no memory planning
         warm, timed, held_out = split_examples(settings, prepared.training.train, prepared.training.val)
         model, pad_id = prepared.model, prepared.tokenizer.pad_token_id
         device = next(p.device for p in model.parameters() if p.requires_grad)

@@ -54,7 +54,7 @@ from __future__ import annotations
 import ctypes
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gemma_lowmem.errors import UserError
-from gemma_lowmem.model import INT8_SKIP_MODULES
+from gemma_lowmem.model import BUNDLED, INT8_SKIP_MODULES, offline_hint, resolve_model_path
 from kernels.linear_cross_entropy import DEFAULT_CHUNK_BYTES
 
 if TYPE_CHECKING:
@@ -206,6 +206,8 @@ LOSS_CHUNK_CHOICES = (None, 128, 64, 32, 16)  # None: the loss's default (~256 M
 # Sequences through the policy per data row: preference pairs run chosen and rejected (the reference model's
 # pass is without grad and keeps no activations).
 TASK_FACTORS = {"preference": 2.0}
+# The settings the planner chooses (unless the user gave them).
+PLANNED = ("batch_size", "grad_accum", "gradient_checkpointing", "loss_chunk_size")
 
 
 def task_factor(task: str) -> float:
@@ -259,7 +261,8 @@ class ModelShape:
 
 
 def load_model_config(name: str) -> Any:
-    """A text model config from a config.json path, a model folder, ``gemma-3n-e2b`` (shipped) or a hub id.
+    """A text model config from a config.json path, a model folder, ``gemma-3n-e2b`` (shipped), ``gemma-3-270m``
+    (bundled) or a hub id.
 
     Multimodal configs (Gemma 3n) give their ``text_config``.
 
@@ -271,6 +274,8 @@ def load_model_config(name: str) -> Any:
     path = Path(name).expanduser()
     if name in SHIPPED_CONFIGS:
         path = SHIPPED_CONFIGS[name]
+    elif name in BUNDLED:
+        path = Path(resolve_model_path(name))
     try:
         if path.is_file():
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -284,7 +289,9 @@ def load_model_config(name: str) -> Any:
                 f"--model {name}: no such file or folder, and not a hub id (owner/name); "
                 f"shipped configs: {', '.join(SHIPPED_CONFIGS)}"
             )
-    except (OSError, ValueError, json.JSONDecodeError) as err:
+    except OSError as err:  # a hub id without network, a missing or unreadable file
+        raise UserError(offline_hint(name, err)) from None
+    except (ValueError, json.JSONDecodeError) as err:
         raise UserError(f"--model {name}: cannot read a model config ({str(err).splitlines()[0]})") from None
     return getattr(config, "text_config", None) or config
 
@@ -542,7 +549,8 @@ class MemoryPlan:
         """A copy of ``cfg`` with the plan's batch size, accumulation, checkpointing and loss chunk."""
         train = replace(
             cfg.train, batch_size=self.batch_size, grad_accum=self.grad_accum,
-            gradient_checkpointing=self.gradient_checkpointing, loss_chunk_size=self.loss_chunk_size,
+            gradient_checkpointing=self.gradient_checkpointing,
+            loss_chunk_size=self.loss_chunk_size if cfg.train.chunked_loss else cfg.train.loss_chunk_size,
         )
         return replace(cfg, train=train)
 
@@ -550,7 +558,7 @@ class MemoryPlan:
 def plan_memory(
     model_config: Any,
     *,
-    budget: int,
+    budget: int | str,
     quant: str,
     dtype_bytes: int,
     lora_r: int,
@@ -564,16 +572,17 @@ def plan_memory(
     packed: bool = True,
     int8_keeps_inputs: bool = True,
     shape: ModelShape | None = None,
+    fixed: dict[str, Any] | None = None,
 ) -> MemoryPlan:
     """Choose micro-batch, accumulation, checkpointing and loss chunk so that the predicted peak fits ``budget``.
 
     Preference, fastest first: checkpointing off (recompute costs about a third more compute) over a larger
     micro-batch; then the largest micro-batch that divides the global batch (so that ``batch_size * grad_accum``
-    is exactly the global batch in rows); then the largest loss chunk.
+    is exactly the global batch in rows); then the largest loss chunk. Choices in ``fixed`` are kept.
 
     Args:
         model_config: the text model's config.
-        budget: bytes (``parse_size(--max-mem)``).
+        budget: bytes, or a size as ``--max-mem`` takes it (``8GB``: errors quote it as given).
         quant, dtype_bytes, lora_r, lora_targets, int8_embeddings: as in :func:`describe_model`.
         max_seq_length: tokens per row (packed rows are this long).
         global_batch_tokens: tokens per optimizer step to reach (rounded up to whole rows).
@@ -584,13 +593,16 @@ def plan_memory(
         packed: rows are packed (they carry block-diagonal masks).
         int8_keeps_inputs: bitsandbytes' int8 matmuls keep their inputs past checkpointing (see ``ModelShape``).
         shape: a :func:`describe_model` result to reuse (skips the meta-device build).
+        fixed: choices the user made, kept as they are: ``batch_size`` (with ``grad_accum``: the micro-batch split
+            of the global batch), ``gradient_checkpointing``, ``loss_chunk_size``.
 
     Returns:
         The :class:`MemoryPlan`.
 
     Raises:
         WeightsExceedBudget: the frozen weights, adapter states and runtime alone exceed the budget.
-        BudgetTooSmall: even one row with checkpointing and the smallest loss chunk does not fit.
+        BudgetTooSmall: even one row with checkpointing and the smallest loss chunk does not fit, or nothing fits
+            with the ``fixed`` choices (the message names them).
     """
     shape = shape or describe_model(
         model_config, quant=quant, dtype_bytes=dtype_bytes, int8_embeddings=int8_embeddings, lora_r=lora_r,
@@ -606,30 +618,84 @@ def plan_memory(
             int8_keeps_inputs=int8_keeps_inputs, shape=shape,
         )
 
-    fixed = fixed_bytes(shape, device_type)
+    label = budget if isinstance(budget, str) else format_size(budget)
+    budget = parse_size(budget) if isinstance(budget, str) else budget
+    baseline = fixed_bytes(shape, device_type)
     needed = sum(predict(1, True, LOSS_CHUNK_CHOICES[-1]).values())  # the smallest plan
-    if fixed > budget:
+    if baseline > budget:
         raise WeightsExceedBudget(
-            f"--max-mem {format_size(budget)} is below the frozen weights, adapter and runtime alone "
-            f"({format_size(fixed)} with --quant {quant}); training needs at least {format_size(needed)}",
+            f"--max-mem {label} is below the frozen weights, adapter and runtime alone "
+            f"({format_size(baseline)} with --quant {quant}); training needs at least {format_size(needed)}",
             needed=needed,
         )
-    batches = [b for b in range(rows, 0, -1) if rows % b == 0]  # divisors: accumulation hits the global batch
-    for checkpointing in (False, True):
+    fixed = fixed or {}
+    if "batch_size" in fixed:
+        batches = [fixed["batch_size"]]
+        rows = fixed["batch_size"] * fixed.get("grad_accum", -(-rows // fixed["batch_size"]))
+    else:
+        batches = [b for b in range(rows, 0, -1) if rows % b == 0]  # divisors: accumulation hits the global batch
+    checkpointing_choices = [fixed["gradient_checkpointing"]] if "gradient_checkpointing" in fixed else [False, True]
+    chunks = [fixed["loss_chunk_size"]] if "loss_chunk_size" in fixed else LOSS_CHUNK_CHOICES
+    for checkpointing in checkpointing_choices:
         for batch in batches:
-            for chunk in LOSS_CHUNK_CHOICES:
+            for chunk in chunks:
                 parts = predict(batch, checkpointing, chunk)
                 peak = sum(parts.values())
                 if peak <= budget:
                     return MemoryPlan(batch, rows // batch, checkpointing, chunk, peak, parts, budget,
                                       max_seq_length)
+    if fixed and needed <= budget:
+        smallest = min(sum(predict(b, c, k).values()) for b in batches for c in checkpointing_choices for k in chunks)
+        settings = ", ".join(f"{name}={value}" for name, value in fixed.items())
+        raise BudgetTooSmall(
+            f"--max-mem {label}: with the settings you gave ({settings}) the predicted peak is "
+            f"{format_size(smallest)}; leave them out to let the planner choose, or give more memory",
+            needed=smallest,
+        )
     shorter = next((seq for seq in (max_seq_length >> i for i in range(1, 8))
                     if seq >= 64 and sum(predict(1, True, LOSS_CHUNK_CHOICES[-1], seq).values()) <= budget), None)
     hint = f"--max-seq-length {shorter} fits" if shorter else "no row length of 64 tokens or more fits"
     raise BudgetTooSmall(
-        f"--max-mem {format_size(budget)} is too small for rows of {max_seq_length} tokens: one row with "
+        f"--max-mem {label} is too small for rows of {max_seq_length} tokens: one row with "
         f"checkpointing needs {format_size(needed)}; give more memory, or a smaller --max-seq-length ({hint})",
         needed=needed,
+    )
+
+
+def plan_run(cfg: RunConfig, model_config: Any, device: torch.device, keep: Collection[str] = ()) -> MemoryPlan:
+    """The memory plan of a training run: ``cfg.train.max_mem`` for rows of ``pack_len`` (or ``max_seq_length``)
+    tokens and the config's global batch (``batch_size * grad_accum`` rows).
+
+    Args:
+        cfg: the run's config.
+        model_config: the text model's config (:func:`load_model_config`).
+        device: where the run trains (picks the weights' and activations' dtypes as the run will).
+        keep: names among :data:`PLANNED` whose config values the plan must keep (the ones the user gave);
+            ``batch_size`` and ``grad_accum`` are kept together.
+
+    Returns:
+        The :class:`MemoryPlan` (``plan.apply(cfg)`` gives the config to train with).
+
+    Raises:
+        BudgetTooSmall: as :func:`plan_memory`.
+    """
+    from gemma_lowmem.device import resolve_precision, weight_dtype
+
+    train = cfg.train
+    seq = (train.pack_len or cfg.data.max_seq_length) if train.packing else cfg.data.max_seq_length
+    fixed = {name: getattr(train, name) for name in PLANNED if name in keep}
+    if "batch_size" in fixed or "grad_accum" in fixed:
+        fixed.update(batch_size=train.batch_size, grad_accum=train.grad_accum)
+    if not train.chunked_loss:  # the model's own loss: full logits of every position, as one "chunk"
+        fixed["loss_chunk_size"] = train.batch_size * seq
+    autocast = resolve_precision(device, train.precision).dtype
+    return plan_memory(
+        model_config, budget=train.max_mem, quant=cfg.model.quant,
+        dtype_bytes=torch.finfo(weight_dtype(device, cfg.model.dtype)).bits // 8, lora_r=cfg.lora.r,
+        lora_targets=cfg.lora.target_modules, max_seq_length=seq, global_batch_tokens=train.batch_size
+        * train.grad_accum * seq, device_type=device.type, task_factor=task_factor(cfg.data.task),
+        act_bytes=torch.finfo(autocast).bits // 8 if autocast else 4, int8_embeddings=cfg.model.int8_embeddings,
+        packed=train.packing, fixed=fixed,
     )
 
 
@@ -637,7 +703,7 @@ def enforce_cap(budget: int, device: torch.device) -> float | None:
     """Cap this process's CUDA allocator at ``budget`` bytes (``set_per_process_memory_fraction``).
 
     Beyond the cap, allocations raise ``torch.OutOfMemoryError`` instead of growing (the loop then halves the
-    micro-batch, see :func:`halve_on_oom`). On the CPU nothing is capped (an address-space limit would count
+    micro-batch: ``train.more_splits``). On the CPU nothing is capped (an address-space limit would count
     mapped files and reserved-but-untouched memory); the peak RSS is measured and reported instead.
 
     Returns:
@@ -657,36 +723,3 @@ def is_oom(err: BaseException) -> bool:
         return True
     text = str(err)
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def halve_on_oom(batch_size: int, grad_accum: int) -> tuple[int, int]:
-    """The next try after an out-of-memory error: half the rows per micro-batch, about twice the accumulation.
-
-    The global batch (``batch_size * grad_accum`` rows) stays the same for an even micro-batch and never shrinks
-    for an odd one (3 x 1 -> 1 x 3), so the objective does not change.
-
-    Expected use in the loop, around one optimizer step's window::
-
-        try:
-            window_loss, window_tokens, extras = backward_window(...)
-        except Exception as err:
-            if not is_oom(err):
-                raise
-            optimizer.zero_grad(set_to_none=True)  # drop the partial gradients of the failed window
-            del window  # and its batches, before retrying
-            torch.cuda.empty_cache()  # give the freed blocks back so that the cap counts only live memory
-            batch_size, grad_accum = halve_on_oom(batch_size, grad_accum)
-            tqdm.write(f"out of memory: micro-batch {batch_size} rows, grad_accum {grad_accum}")  # and log it
-            ...rebuild the batch plan with the new batch_size and redo the same step
-
-    Raises:
-        BudgetTooSmall: the micro-batch is already one row.
-    """
-    if batch_size <= 1:
-        raise BudgetTooSmall(
-            "out of memory with a micro-batch of one row: give more memory (--max-mem), a smaller "
-            "--max-seq-length, or --gradient-checkpointing",
-            needed=0,
-        )
-    smaller = batch_size // 2
-    return smaller, -(-batch_size * grad_accum // smaller)

@@ -9,31 +9,30 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoConfig
 
 from gemma_lowmem.checkpoint import find_checkpoint
 from gemma_lowmem.config import RunConfig
 from gemma_lowmem.data.conversation import Conversation
 from gemma_lowmem.data.tokenize import EncodedSet, encode_conversations
-from gemma_lowmem.device import default_device, weight_dtype
+from gemma_lowmem.device import default_device
 from gemma_lowmem.distributed import current_ranks, init_distributed
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.evaluate import evaluate_model, evaluate_systems
 from gemma_lowmem.evaluation.report import write_report
-from gemma_lowmem.memory import estimate_weight_bytes, format_size, parse_size
+from gemma_lowmem.memory import PLANNED, enforce_cap, load_model_config, plan_run
 from gemma_lowmem.model import (
     CACHE,
     add_lora,
     count_parameters,
     load_base_model,
     load_tokenizer,
-    offline_hint,
     resolve_model_path,
 )
 from gemma_lowmem.tasks import TaskTraining, get_task
@@ -63,22 +62,17 @@ def choose_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def check_budget(model_path: str, cfg: RunConfig, device: torch.device) -> int:
-    """Refuse a ``--max-mem`` that the frozen weights alone exceed; returns the weights' estimated bytes."""
-    budget = parse_size(cfg.train.max_mem)
-    try:
-        model_config = AutoConfig.from_pretrained(model_path)
-    except OSError as err:
-        raise UserError(offline_hint(model_path, err)) from None
-    model_config = getattr(model_config, "text_config", None) or model_config
-    dtype_bytes = torch.finfo(weight_dtype(device, cfg.model.dtype)).bits // 8
-    weights = estimate_weight_bytes(model_config, cfg.model.quant, dtype_bytes)
-    if weights > budget:
-        raise UserError(
-            f"--max-mem {cfg.train.max_mem} is below the model's frozen weights alone "
-            f"({format_size(weights)} with --quant {cfg.model.quant}); give at least {format_size(weights * 1.3)}"
-        )
-    return weights
+def plan_budget(model_path: str, cfg: RunConfig, device: torch.device, keep: Collection[str]) -> RunConfig:
+    """Fit the run into ``--max-mem``: the config with the planner's micro-batch, accumulation, checkpointing and
+    loss chunk (settings in ``keep`` stay as given); prints the plan. On CUDA the allocator is capped at the budget."""
+    plan = plan_run(cfg, load_model_config(model_path), device, keep)
+    planned = plan.apply(cfg)
+    changed = [f"{name} {getattr(cfg.train, name)} -> {getattr(planned.train, name)}" for name in PLANNED
+               if getattr(cfg.train, name) != getattr(planned.train, name)]
+    print(f"memory plan for --max-mem {cfg.train.max_mem} on {device.type}"
+          + (f" ({'; '.join(changed)})" if changed else "") + "\n" + plan.table())
+    enforce_cap(plan.budget, device)
+    return planned
 
 
 @dataclass
@@ -89,6 +83,7 @@ class Prepared:
     tokenizer: Any
     training: TaskTraining
     run_dir: Path
+    config: RunConfig  # the config to train with: the planner's choices applied
     train_conversations: list[Conversation] = field(default_factory=list)  # SFT tasks: kept after tokenizing
     val_conversations: list[Conversation] = field(default_factory=list)
 
@@ -105,23 +100,28 @@ def encode(cfg: RunConfig, tokenizer: Any, conversations: list[Conversation], de
     return encoded
 
 
-def setup(cfg: RunConfig) -> Prepared:
-    """Load data and model, add LoRA, tokenize; validates user input before anything is written."""
+def setup(cfg: RunConfig, keep: Collection[str] = ()) -> Prepared:
+    """Plan the memory, load data and model, add LoRA, tokenize; validates user input before anything is written.
+
+    Args:
+        cfg: the run's config.
+        keep: settings the memory planner must not change (``memory.PLANNED`` names; ``scripts/train.py`` passes
+            the ones given on the command line, a preset or a config file).
+    """
     ranks = init_distributed()  # under torchrun: join the process group (NCCL on GPUs, gloo on the CPU)
     seed_everything(cfg.train.seed)
     device = default_device()
-    parse_size(cfg.train.max_mem)
     with ranks.main_first():  # rank 0 converts a .gguf or the bundled model once; the others find it converted
         model_path = resolve_model_path(cfg.model.model)
     run_dir = Path(ranks.broadcast(str(choose_run_dir(cfg))))  # one folder for all ranks (the default has the time)
     if cfg.train.resume:
         find_checkpoint(cfg.train.resume)  # fail now, not after the model has loaded
     task = get_task(cfg.data.task)
-    weights = check_budget(model_path, cfg, device)  # reads the model config: an offline hub id fails here
+    cfg = plan_budget(model_path, cfg, device, keep)  # reads the model config: an offline hub id fails here
     prepare = getattr(task, "prepare_training", None)
     # Read SFT data before the (slow) model load, so bad rows fail fast.
     conversations = None if prepare else task.build_datasets(cfg.data, cfg.train.seed)
-    print(f"model {cfg.model.model} -> {model_path}; frozen weights ~{format_size(weights)} ({cfg.model.quant})")
+    print(f"model {cfg.model.model} -> {model_path}")
     tokenizer = load_tokenizer(model_path)
     base = load_base_model(cfg.model, device)
     torch.manual_seed(cfg.train.seed)  # LoRA init from the seed, whatever loading consumed
@@ -135,16 +135,18 @@ def setup(cfg: RunConfig) -> Prepared:
             train = encode(cfg, tokenizer, train_convs, "tokenizing train")
             val = encode(cfg, tokenizer, val_convs, "tokenizing val")
     if training is not None:
-        return Prepared(model, tokenizer, training, run_dir)
+        return Prepared(model, tokenizer, training, run_dir, cfg)
     return Prepared(
-        model, tokenizer, TaskTraining(train.examples, val.examples), run_dir,
+        model, tokenizer, TaskTraining(train.examples, val.examples), run_dir, cfg,
         [train_convs[i] for i in train.kept], [val_convs[i] for i in val.kept],
     )
 
 
-def train_from_config(cfg: RunConfig) -> tuple[Prepared, FitResult]:
-    """Setup, then the loop; writes ``config.json`` and everything ``fit`` writes into the run folder."""
-    prepared = setup(cfg)
+def train_from_config(cfg: RunConfig, keep: Collection[str] = ()) -> tuple[Prepared, FitResult]:
+    """Setup, then the loop; writes ``config.json`` (the planned config) and everything ``fit`` writes into the run
+    folder. ``keep``: as in :func:`setup`."""
+    prepared = setup(cfg, keep)
+    cfg = prepared.config
     main = current_ranks().is_main  # under torchrun rank 0 alone writes
     if main:
         prepared.run_dir.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@ The objective is the summed loss of a micro-batch divided by the loss tokens of 
 
 Reliability: a checkpoint holds everything needed to go on exactly where it was (adapter, optimizer, scheduler,
 GradScaler, data position, every rank's RNG); SIGINT/SIGTERM stop at the next step boundary with a checkpoint; a
-step with a non-finite loss or gradient is skipped, and ``max_bad_steps`` of them in a row stop the run.
+step with a non-finite loss or gradient is skipped, and ``max_bad_steps`` of them in a row stop the run; an
+out-of-memory error halves the micro-batch and redoes the step (one process; under ``torchrun`` it stops the run).
 Under ``torchrun`` the same loop runs data parallel (see :mod:`gemma_lowmem.distributed`).
 """
 
@@ -41,7 +42,7 @@ from gemma_lowmem.device import resolve_precision
 from gemma_lowmem.distributed import Ranks, init_distributed, wrap_ddp
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.loss import sft_loss
-from gemma_lowmem.memory import PeakMemory, format_size
+from gemma_lowmem.memory import BudgetTooSmall, PeakMemory, format_size, is_oom
 from gemma_lowmem.model import int8_dequantized_matmuls
 from gemma_lowmem.runlog import MetricsLog, plot_loss_curve
 
@@ -135,6 +136,27 @@ def _micro_batches(plan_for: Callable[..., list], epoch: int, index: int) -> Ite
         for i in range(index, len(plan)):
             yield epoch, i, plan[i]
         epoch, index = epoch + 1, 0
+
+
+def split_rows(rows: list, parts: int) -> list[list]:
+    """``rows`` in at most ``parts`` consecutive parts of equal size (the last may be shorter)."""
+    size = -(-len(rows) // parts)
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def more_splits(splits: int, batch_size: int) -> int:
+    """After an out-of-memory error: run each micro-batch of ``batch_size`` rows in twice as many parts.
+
+    Raises:
+        BudgetTooSmall: the parts are already single rows.
+    """
+    if splits >= batch_size:
+        raise BudgetTooSmall(
+            "out of memory with a micro-batch of one row: give more memory (--max-mem), a smaller "
+            "--max-seq-length or --pack-len, --gradient-checkpointing, or a smaller --loss-chunk-size",
+            needed=0,
+        )
+    return min(2 * splits, batch_size)
 
 
 def _split(output: torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]):
@@ -345,6 +367,7 @@ def fit(
     memory.reset()
     stream = _micro_batches(plan_for, counters["epoch"], counters["index"])
     stopped, bad_in_row, record, first_step = "max_steps", 0, {}, counters["step"]
+    splits = 1  # parts each planned micro-batch runs in (more after an out-of-memory error)
     t_last, tokens_last = time.perf_counter(), counters["loss_tokens"]
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
 
@@ -353,18 +376,36 @@ def fit(
                disable=not (show_progress and ranks.is_main))
     with _StopSignal(announce=ranks.is_main) as stop, bar:  # an error closes the bar: its message starts a line
         while counters["step"] < total_steps:
-            # Collate the whole window first: its loss-token count normalises every micro-step (CPU ints, no sync).
-            window = []
-            for _ in range(cfg.grad_accum):
-                epoch, index, rows = next(stream)
-                window.append(collate_fn([[train[i] for i in row] for row in rows]))
-            counts = [sum(int(b[key]) for b in window) for key in ("num_loss_tokens", "num_tokens")]  # CPU tensors
-            if ranks.parallel:  # host sync: once per optimizer step, under data parallelism only
-                counts = [int(c) for c in ranks.sum(torch.tensor(counts, device=device)).tolist()]
-            window_tokens, tokens = counts
-            window_loss, window_tokens, extras = backward_window(
-                model, window, loss_fn, precision, scaler, device, window_tokens=window_tokens, ddp=ddp, ranks=ranks
-            )
+            planned = [next(stream) for _ in range(cfg.grad_accum)]  # (epoch, index, rows) per micro-batch
+            epoch, index = planned[-1][:2]
+            while True:  # once, unless out of memory: then again with each micro-batch run in smaller parts
+                # Collate the whole window first: its loss-token count normalises every micro-step (CPU, no sync).
+                window = [collate_fn([[train[i] for i in row] for row in part])
+                          for _, _, rows in planned for part in split_rows(rows, splits)]
+                counts = [sum(int(b[key]) for b in window) for key in ("num_loss_tokens", "num_tokens")]
+                if ranks.parallel:  # host sync: once per optimizer step, under data parallelism only
+                    counts = [int(c) for c in ranks.sum(torch.tensor(counts, device=device)).tolist()]
+                window_tokens, tokens = counts
+                try:
+                    window_loss, window_tokens, extras = backward_window(
+                        model, window, loss_fn, precision, scaler, device, window_tokens=window_tokens, ddp=ddp,
+                        ranks=ranks,
+                    )
+                    break
+                except RuntimeError as err:  # torch.OutOfMemoryError is one
+                    if not is_oom(err) or ranks.parallel:  # one rank cannot retry alone: the others wait for it
+                        raise
+                # Out of memory: drop the failed window's partial gradients and batches, halve the micro-batch
+                # (the same rows, in twice as many parts: the objective does not change) and redo the step.
+                optimizer.zero_grad(set_to_none=True)
+                del window
+                splits = more_splits(splits, cfg.batch_size)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # the cap counts reserved memory: give the failed step's blocks back
+                rows_now = -(-cfg.batch_size // splits)
+                tqdm.write(f"step {counters['step'] + 1}: out of memory; micro-batches of {rows_now} rows from now "
+                           f"on ({cfg.grad_accum * splits} per optimizer step)")
+                log.write({"step": counters["step"] + 1, "out_of_memory": True, "micro_batch_rows": rows_now})
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             loss = window_loss.item() / max(window_tokens, 1)  # host sync: once per optimizer step

@@ -2,10 +2,11 @@
 """Print the memory plan of a LoRA run for a model and a budget, without loading any weights (meta device).
 
 MODEL is a config.json file, a model folder, ``gemma-3n-e2b`` (the Gemma 3n E2B text config shipped in the
-package) or a hub id (its config is fetched, not its weights).
+package), ``gemma-3-270m`` (the bundled Gemma 3 270M) or a hub id (its config is fetched, not its weights).
 
 Examples:
   python scripts/plan_memory.py --model gemma-3n-e2b --max-mem 8GB
+  python scripts/plan_memory.py --model gemma-3-270m --max-mem 4GB --max-seq-length 1024
   python scripts/plan_memory.py --model ./my-model --max-mem 16GiB --max-seq-length 1024 --device cuda
   python scripts/plan_memory.py --model gemma-3n-e2b --max-mem 12GB --task preference
 """
@@ -37,7 +38,7 @@ def _dtypes(device: str, dtype: str, precision: str) -> tuple[torch.dtype, torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="config.json, model folder, gemma-3n-e2b or hub id")
+    parser.add_argument("--model", required=True, help="config.json, model folder, gemma-3n-e2b, gemma-3-270m or hub id")
     parser.add_argument("--max-mem", default="8GB", help="memory budget, e.g. 8GB, 7.5GiB, 8000MB")
     parser.add_argument("--max-seq-length", type=int, default=2048, help="tokens per row")
     parser.add_argument("--global-batch-tokens", type=int, default=None,
@@ -52,7 +53,7 @@ def main() -> None:
     parser.add_argument("--no-int8-embeddings", action="store_true", help="keep Gemma 3n's per-layer table in dtype")
     args = parser.parse_args()
 
-    budget = parse_size(args.max_mem)
+    parse_size(args.max_mem)  # a bad size fails before the model config is read
     for flag, value in (("--max-seq-length", args.max_seq_length), ("--global-batch-tokens", args.global_batch_tokens),
                         ("--lora-r", args.lora_r)):
         if value is not None and value <= 0:
@@ -69,7 +70,7 @@ def main() -> None:
           f"{str(weights_dtype).removeprefix('torch.')} otherwise); LoRA {shape.lora_params:,} parameters; "
           f"{device_type}, activations {str(act_dtype).removeprefix('torch.')}")
     plan = plan_memory(
-        model_config, budget=budget, max_seq_length=args.max_seq_length,
+        model_config, budget=args.max_mem, max_seq_length=args.max_seq_length,
         global_batch_tokens=args.global_batch_tokens or 8 * args.max_seq_length, device_type=device_type,
         task_factor=task_factor(args.task), act_bytes=act_bytes, shape=shape, **kw,
     )

@@ -7,7 +7,7 @@ Examples:
   python scripts/train.py --model ./my-model --train-file train.jsonl --val-file val.jsonl --lang en
 """
 
-from gemma_lowmem.cli import build_parser, config_from_args, run_script
+from gemma_lowmem.cli import build_parser, config_from_args, given_settings, run_script
 from gemma_lowmem.distributed import close_distributed, current_ranks
 from gemma_lowmem.run import evaluate_after_training, train_from_config
 
@@ -16,7 +16,9 @@ def main() -> None:
     parser = build_parser(__doc__.strip().splitlines()[0])
     args = parser.parse_args()
     cfg = config_from_args(args)
-    prepared, result = train_from_config(cfg)
+    # the memory planner chooses batch split, checkpointing and loss chunk unless they were given
+    prepared, result = train_from_config(cfg, keep=set(given_settings(args)["train"]))
+    cfg = prepared.config
     if current_ranks().is_main:
         print(
             f"done: {result.steps} steps, {result.loss_tokens:,} loss tokens in {result.seconds:.0f} s "

@@ -82,7 +82,15 @@ def test_max_mem_that_is_not_a_size(capsys, monkeypatch):
 def test_max_mem_below_the_weights(tiny_model_dir, tmp_path, capsys, monkeypatch):
     code, err = run_train(["--demo", "--model", str(tiny_model_dir), "--quant", "none", "--max-mem", "10KB",
                            "--output-dir", str(tmp_path / "run")], capsys, monkeypatch)
-    assert_one_error_line(code, err, "below the model's frozen weights", "give at least")
+    assert_one_error_line(code, err, "--max-mem 10KB is below the frozen weights", "training needs at least")
+    assert not (tmp_path / "run").exists()
+
+
+def test_max_mem_too_small_for_the_batch_size_given(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The planner keeps what the user set; when that cannot fit, the error names the setting."""
+    code, err = run_train(["--demo", "--model", str(tiny_model_dir), "--max-mem", "2GB", "--batch-size", "64",
+                           "--max-seq-length", "4096", "--output-dir", str(tmp_path / "run")], capsys, monkeypatch)
+    assert_one_error_line(code, err, "--max-mem 2GB", "batch_size=64", "leave them out")
     assert not (tmp_path / "run").exists()
 
 

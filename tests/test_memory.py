@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from gemma_lowmem.cli import run_script
-from gemma_lowmem.config import LoraConfig, RunConfig
+from gemma_lowmem.config import LoraConfig, RunConfig, TrainConfig
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.memory import (
+    PLANNED,
+    plan_run,
     BudgetTooSmall,
     GiB,
     PeakMemory,
@@ -22,7 +24,6 @@ from gemma_lowmem.memory import (
     enforce_cap,
     estimate_weight_bytes,
     fixed_bytes,
-    halve_on_oom,
     is_oom,
     load_model_config,
     parse_size,
@@ -184,12 +185,7 @@ def test_plan_apply_and_table():
     assert replace(plan, batch_size=3).table() != table
 
 
-def test_halve_on_oom_keeps_the_global_batch():
-    assert halve_on_oom(4, 2) == (2, 4)
-    assert halve_on_oom(3, 1) == (1, 3)  # odd: the global batch never shrinks
-    assert halve_on_oom(5, 2) == (2, 5)
-    with pytest.raises(BudgetTooSmall, match="one row"):
-        halve_on_oom(1, 8)
+def test_is_oom_and_no_cap_on_the_cpu():
     assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
     assert not is_oom(RuntimeError("shape mismatch"))
@@ -251,3 +247,22 @@ def test_peak_memory_reset_and_read_on_cpu():
     assert memory.peak() > grown - 8 * 2**20
     memory.reset()
     assert memory.peak() < grown - 250 * 2**20  # ...until a new phase starts
+
+
+def test_plan_run_chooses_what_was_not_given_and_keeps_what_was():
+    cpu, config = torch.device("cpu"), gemma3_config()
+    cfg = RunConfig(train=TrainConfig(max_mem="64GB", batch_size=2, grad_accum=4, gradient_checkpointing=True))
+    free = plan_run(cfg, config, cpu)  # plenty of memory: no recompute, the whole global batch in one micro-batch
+    assert (free.batch_size, free.grad_accum, free.gradient_checkpointing) == (8, 1, False)
+    kept = plan_run(cfg, config, cpu, keep={"grad_accum", "gradient_checkpointing"})  # batch split kept as a pair
+    assert (kept.batch_size, kept.grad_accum, kept.gradient_checkpointing) == (2, 4, True)
+    applied = kept.apply(cfg).train
+    assert (applied.batch_size, applied.grad_accum, applied.gradient_checkpointing) == (2, 4, True)
+    # a budget below what the given settings need, above what the planner's own choice needs
+    given = replace(cfg, train=replace(cfg.train, batch_size=8, grad_accum=1, gradient_checkpointing=False))
+    need = plan_run(given, config, cpu, keep=PLANNED).predicted_peak
+    tight = replace(given, train=replace(given.train, max_mem=str(need - 1)))
+    with pytest.raises(BudgetTooSmall, match="batch_size=8.*leave them out"):
+        plan_run(tight, config, cpu, keep=PLANNED)
+    chosen = plan_run(tight, config, cpu)
+    assert chosen.predicted_peak <= need - 1 and chosen.batch_size * chosen.grad_accum == 8

@@ -14,7 +14,8 @@ from gemma_lowmem.data.collate import collate
 from gemma_lowmem.device import resolve_precision
 from gemma_lowmem.loss import sft_loss
 from gemma_lowmem.model import add_lora
-from gemma_lowmem.train import backward_window, fit, lr_factor
+from gemma_lowmem.memory import BudgetTooSmall
+from gemma_lowmem.train import backward_window, fit, lr_factor, more_splits, split_rows
 from tests.tiny import tiny_gemma3, tiny_gemma3n
 
 MODELS = {"gemma3": tiny_gemma3, "gemma3n": tiny_gemma3n}
@@ -165,3 +166,44 @@ def test_lr_schedule_shape():
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
     assert factors[-1] < 0.01
     assert lr_factor(50, total=100, warmup=0, kind="linear") == pytest.approx(0.5)
+
+
+def oom_above(rows: int):
+    """An SFT loss that runs out of memory on micro-batches of more than ``rows`` rows, as a capped GPU would."""
+    def loss_fn(model, batch):
+        if batch["input_ids"].shape[0] > rows:
+            torch.empty(1024)  # some work before the failure, as in a real forward
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return sft_loss(model, batch)
+    return loss_fn
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_objective(tmp_path):
+    cfg = TrainConfig(max_steps=3, lr=5e-3, batch_size=4, grad_accum=2, eval_every=0, save_every=0, packing=False)
+    data = examples(24, seed=5)
+    runs = {}
+    for name, loss_fn in (("plain", None), ("oom", oom_above(1))):
+        model = lora_model("gemma3")
+        runs[name] = fit(model, data, [], cfg, run_dir=tmp_path / name, pad_id=0, loss_fn=loss_fn,
+                         show_progress=False)
+    losses = {k: [r["loss"] for r in run.history if "loss" in r] for k, run in runs.items()}
+    assert len(losses["oom"]) == 3
+    assert losses["oom"] == pytest.approx(losses["plain"], rel=1e-5)  # same rows, same objective
+    assert runs["oom"].loss_tokens == runs["plain"].loss_tokens
+    events = [r for r in runs["oom"].history if r.get("out_of_memory")]
+    assert [(e["step"], e["micro_batch_rows"]) for e in events] == [(1, 2), (1, 1)]  # 4 -> 2 -> 1, then it fits
+
+
+def test_out_of_memory_with_one_row_stops_with_a_clear_error(tmp_path):
+    cfg = TrainConfig(max_steps=2, batch_size=1, grad_accum=1, eval_every=0, save_every=0, packing=False)
+    with pytest.raises(BudgetTooSmall, match="one row"):
+        fit(lora_model("gemma3"), examples(4), [], cfg, run_dir=tmp_path, pad_id=0, loss_fn=oom_above(0),
+            show_progress=False)
+
+
+def test_split_rows_and_more_splits():
+    assert split_rows([1, 2, 3, 4, 5], 2) == [[1, 2, 3], [4, 5]]
+    assert split_rows([1, 2], 4) == [[1], [2]]
+    assert more_splits(1, 4) == 2 and more_splits(2, 3) == 3
+    with pytest.raises(BudgetTooSmall):
+        more_splits(3, 3)
