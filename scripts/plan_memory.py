@@ -38,7 +38,8 @@ def _dtypes(device: str, dtype: str, precision: str) -> tuple[torch.dtype, torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="config.json, model folder, gemma-3n-e2b, gemma-3-270m or hub id")
+    parser.add_argument("--model", required=True,
+                        help="config.json, model folder, gemma-3n-e2b, gemma-3-270m or hub id")
     parser.add_argument("--max-mem", default="8GB", help="memory budget, e.g. 8GB, 7.5GiB, 8000MB")
     parser.add_argument("--max-seq-length", type=int, default=2048, help="tokens per row")
     parser.add_argument("--global-batch-tokens", type=int, default=None,

@@ -15,7 +15,6 @@ from gemma_lowmem.config import LoraConfig, RunConfig, TrainConfig
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.memory import (
     PLANNED,
-    plan_run,
     BudgetTooSmall,
     GiB,
     PeakMemory,
@@ -28,6 +27,7 @@ from gemma_lowmem.memory import (
     load_model_config,
     parse_size,
     plan_memory,
+    plan_run,
     predict_peak,
     task_factor,
 )

@@ -13,8 +13,8 @@ from gemma_lowmem.config import LoraConfig, TrainConfig
 from gemma_lowmem.data.collate import collate
 from gemma_lowmem.device import resolve_precision
 from gemma_lowmem.loss import sft_loss
-from gemma_lowmem.model import add_lora
 from gemma_lowmem.memory import BudgetTooSmall
+from gemma_lowmem.model import add_lora
 from gemma_lowmem.train import backward_window, fit, lr_factor, more_splits, split_rows
 from tests.tiny import tiny_gemma3, tiny_gemma3n
 
