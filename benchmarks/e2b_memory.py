@@ -21,7 +21,7 @@ planner's constants were calibrated (``--calibrate`` runs that grid, one subproc
 
 Examples:
   python benchmarks/e2b_memory.py                               # E2B, 2 steps of 1 x 2048 tokens
-  python benchmarks/e2b_memory.py --drop-int8-inputs --warmup-tokens 128   # what-if: int8 inputs not kept
+  python benchmarks/e2b_memory.py --warmup-tokens 128          # the same, the first step short (faster)
   python benchmarks/e2b_memory.py --config path/to/config.json --tokens 1024 --batch-size 2
   python benchmarks/e2b_memory.py --load gemma-3-270m --tokens 2048 --batch-size 2
   python benchmarks/e2b_memory.py --calibrate                   # the calibration grid of gemma_lowmem/memory.py
@@ -101,6 +101,7 @@ def build_random_int8(model_config, dtype: torch.dtype, *, threshold: float = 6.
     """
     from transformers import AutoModelForCausalLM
 
+    from gemma_lowmem.model import use_int8_kernels
     from kernels import Int8Embedding
 
     generator = torch.Generator().manual_seed(seed)
@@ -139,6 +140,7 @@ def build_random_int8(model_config, dtype: torch.dtype, *, threshold: float = 6.
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not leftover, f"still on the meta device: {leftover[:5]}"
     model.requires_grad_(False)
+    use_int8_kernels(model)  # as load_base_model does
     return model
 
 
@@ -156,26 +158,6 @@ def override_config(model_config, sets: list[str]):
         if isinstance(values.get(key), list) and not any(item.startswith(key + "=") for item in sets):
             values[key] = (values[key] * layers)[:layers] if len(values[key]) < layers else values[key][:layers]
     return type(model_config)(**values)
-
-
-def drop_int8_inputs() -> None:
-    """What-if: bitsandbytes' int8 matmuls stop keeping their input when the (frozen) weight needs no gradient.
-
-    ``MatMul8bitFp`` (CPU training) stores ``ctx.A = A`` and ``MatMul8bitLt`` (CUDA) ``ctx.tensors = (.., A)`` as
-    plain attributes, which checkpointing cannot drop; only the weight's gradient reads them.
-    """
-    from bitsandbytes.autograd import _functions as bnb_functions
-
-    for cls in (bnb_functions.MatMul8bitFp, bnb_functions.MatMul8bitLt):
-        forward = cls.forward
-
-        def patched(ctx, A, B, out=None, bias=None, state=None, _forward=forward):
-            output = _forward(ctx, A, B, out, bias, state)
-            if not ctx.needs_input_grad[1]:
-                ctx.A, ctx.tensors = None, (None, None, None)
-            return output
-
-        cls.forward = staticmethod(patched)
 
 
 def random_examples(count: int, length: int, vocab: int, answer_tokens: int, seed: int) -> list[dict[str, list[int]]]:
@@ -208,7 +190,7 @@ def predict(args: argparse.Namespace, model_config=None) -> dict:
         act_bytes=torch.finfo(act_dtype).bits // 8, lora_r=lora.r, lora_targets=lora.target_modules,
         batch_size=args.batch_size, seq_len=args.tokens // args.batch_size,
         gradient_checkpointing=not args.no_checkpointing, loss_chunk_size=args.loss_chunk, device_type="cpu",
-        packed=not args.no_packing, int8_keeps_inputs=not args.drop_int8_inputs,
+        packed=not args.no_packing,
     )
     return {
         "predicted_peak_gib": round(sum(breakdown.values()) / GiB, 3),
@@ -238,7 +220,7 @@ def measure(args: argparse.Namespace) -> dict:
     device = torch.device("cpu")
     dtype = weight_dtype(device, args.dtype)
     record: dict = {"config": args.load or args.config, "set": args.set, "runtime_gib": rss_gib(),
-                    "drop_int8_inputs": args.drop_int8_inputs, "malloc_tuned": not args.keep_malloc_default}
+                    "malloc_tuned": not args.keep_malloc_default}
     t0 = time.perf_counter()
     if args.load:
         path = resolve_model_path(args.load)
@@ -298,7 +280,6 @@ CALIBRATION_GRID: list[list[str]] = [
     [*_N, "--set", "num_hidden_layers=2", "--tokens", "2048"],
     [*_N, "--set", "num_hidden_layers=2", "--tokens", "2048", "--batch-size", "2"],
     [*_N, "--set", "num_hidden_layers=2", "--tokens", "1024", "--no-checkpointing"],
-    [*_N, "--set", "num_hidden_layers=4", "--tokens", "512", "--drop-int8-inputs"],
     [*_N, "--set", "num_hidden_layers=4", "--tokens", "512", "--keep-malloc-default"],
     [*_G, "--tokens", "2048", "--batch-size", "2"],
     [*_G, "--tokens", "2048"],
@@ -327,8 +308,6 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="frozen non-int8 weights: auto, bf16, fp32")
     parser.add_argument("--precision", default="auto", help="autocast: auto, bf16, fp32")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--drop-int8-inputs", action="store_true",
-                        help="what-if: int8 matmuls keep no input for a frozen weight (see drop_int8_inputs)")
     parser.add_argument("--keep-malloc-default", action="store_true",
                         help="skip gemma_lowmem.memory.return_freed_memory_to_os (glibc keeps freed blocks)")
     parser.add_argument("--calibrate", action="store_true", help="run the calibration grid, one process each")
@@ -344,8 +323,6 @@ def main() -> None:
     if args.predict_only:
         print(json.dumps(predict(args)))
         return
-    if args.drop_int8_inputs:
-        drop_int8_inputs()
     if not args.keep_malloc_default:
         return_freed_memory_to_os()
     print(json.dumps(measure(args)))

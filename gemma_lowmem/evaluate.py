@@ -35,7 +35,6 @@ from gemma_lowmem.evaluation.rouge import rouge_pair
 from gemma_lowmem.evaluation.rubric import CRITERIA, parse_rubric
 from gemma_lowmem.memory import PeakMemory
 from gemma_lowmem.model import (
-    int8_dequantized_matmuls,
     load_adapter,
     load_base_model,
     load_tokenizer,
@@ -108,9 +107,8 @@ def generate_answers(
     peak = PeakMemory(device)
     peak.reset()
     start = time.perf_counter()
-    with int8_dequantized_matmuls(model):
-        answers = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 show_progress=show_progress)
+    answers = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             show_progress=show_progress)
     seconds = time.perf_counter() - start  # exact: generation copies each batch's tokens to the host (a sync)
     prompt_tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     answer_tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)

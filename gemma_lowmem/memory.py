@@ -15,11 +15,9 @@ Gemma 3n's AltUp), MLP width I, vocabulary V and loss chunk C:
                      CUDA: 256 MiB of allocator slack (an assumption: no GPU to measure on)
     model-level      N a x Gemma 3n's per-layer input width (L x 256), plus packed masks 2 B T^2
     checkpoints      N a L S: each layer's input
-    int8 inputs      N a x the widths of the distinct inputs of the int8 linears, over all layers: bitsandbytes
-                     keeps them as autograd-node attributes that checkpointing cannot drop (``int8_keeps_inputs``)
     the larger of    one layer's recompute and backward  N a (4.98 S + 15.8 I)
                      the loss chunk  C V x 8.24 B, plus the final hidden states and their gradient 2 N H a
-    no checkpointing replaces checkpoints, int8 inputs and recompute with  L x 0.82 x one layer's recompute
+    no checkpointing replaces checkpoints and recompute with  L x 0.82 x one layer's recompute
 
 The four constants (4.98, 15.8, 8.24, 0.82) were fitted, least squares on the relative error, to these peaks
 measured on this CPU (2 cores, AVX2, so fp32 weights and activations; int8 linears, LoRA r16 on the 7
@@ -54,7 +52,7 @@ from __future__ import annotations
 import ctypes
 import json
 import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -190,8 +188,6 @@ BYTES_PER_WEIGHT = {"int8": 1.0, "nf4": 0.5, "none": None}
 NF4_STATS_PER_WEIGHT = 4 / 64
 # LoRA parameters are fp32; each has a gradient and AdamW's two moments: 4 x 4 bytes.
 LORA_BYTES_PER_PARAM = 16
-# Linears that read the same input tensor: bitsandbytes keeps one reference for the group (see ``ModelShape``).
-SHARED_INPUTS = ({"q_proj", "k_proj", "v_proj", "linear_left"}, {"gate_proj", "up_proj"})
 # Linears kept out of int8: the tied head, and Gemma 3n's tiny AltUp maps (4 x 4, 4 x 16, 2048 x 4), whose weights
 # training reads as float matrices (``prediction_coefs.weight.data.clamp_``): ``llm_int8_skip_modules``.
 
@@ -240,9 +236,6 @@ class ModelShape:
         heads: attention heads.
         vocab: rows of the LM head.
         per_layer_width: Gemma 3n's per-layer inputs per token (layers x ``hidden_size_per_layer_input``), else 0.
-        int8_input_width: summed over layers, the widths of the distinct inputs of quantized linears. On int8,
-            bitsandbytes keeps each input as a plain attribute of its autograd node (``ctx.A``), which
-            checkpointing cannot drop: they stay alive from the forward until that layer's backward.
         weight_bytes: frozen weight bytes by kind.
         lora_params: trainable LoRA parameters.
     """
@@ -255,7 +248,6 @@ class ModelShape:
     heads: int
     vocab: int
     per_layer_width: int
-    int8_input_width: int
     weight_bytes: dict[str, int]
     lora_params: int
 
@@ -294,16 +286,6 @@ def load_model_config(name: str) -> Any:
     except (ValueError, json.JSONDecodeError) as err:
         raise UserError(f"--model {name}: cannot read a model config ({str(err).splitlines()[0]})") from None
     return getattr(config, "text_config", None) or config
-
-
-def _layer_int8_inputs(layer: torch.nn.Module, quantized: Callable[[str], bool]) -> int:
-    widths: dict[str, int] = {}
-    for name, module in layer.named_modules():
-        if isinstance(module, torch.nn.Linear) and quantized(name):
-            short = name.rsplit(".", 1)[-1]
-            key = next((f"group{i}" for i, group in enumerate(SHARED_INPUTS) if short in group), name)
-            widths[key] = max(widths.get(key, 0), module.in_features)
-    return sum(widths.values())
 
 
 def describe_model(
@@ -369,13 +351,6 @@ def describe_model(
     layers = list(decoder.layers)
     cfg = model_config
     altup = getattr(cfg, "altup_num_inputs", 1) or 1
-    int8_inputs = 0
-    if quant == "int8":
-        int8_inputs = sum(_layer_int8_inputs(layer, quantized) for layer in layers)
-        if hasattr(decoder, "altup_unembed_projections"):
-            # Gemma 3n's AltUp unembedding multiplies views of the last layer's (altup, B, T, H) output: the int8
-            # matmuls' kept inputs hold that whole stream (the linears before the layers see no grad: kept nothing)
-            int8_inputs += altup * cfg.hidden_size
     intermediate = cfg.intermediate_size
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -389,7 +364,6 @@ def describe_model(
         heads=heads,
         vocab=head.weight.shape[0],
         per_layer_width=per_layer * len(layers),
-        int8_input_width=int8_inputs,
         weight_bytes={k: int(v) for k, v in weights.items()},
         lora_params=lora,
     )
@@ -427,7 +401,6 @@ def _activation_bytes(
     loss_chunk_size: int | None,
     packed: bool,
     task_factor: float,
-    int8_keeps_inputs: bool,
 ) -> dict[str, float]:
     tokens = batch_size * seq_len * task_factor  # (B x T) rows of tokens through the policy, per micro-batch
     a = act_bytes
@@ -438,8 +411,6 @@ def _activation_bytes(
     out = {"model-level activations": tokens * a * shape.per_layer_width + masks}
     if gradient_checkpointing:
         out["layer inputs kept by checkpointing"] = tokens * a * shape.num_layers * shape.stream
-        if shape.int8_input_width and int8_keeps_inputs:
-            out["int8 matmul inputs kept (bitsandbytes)"] = tokens * a * shape.int8_input_width
         layer = per_layer_recompute
     else:
         out["all layers' activations"] = shape.num_layers * LAYER_FULL_FACTOR * per_layer_recompute
@@ -467,7 +438,6 @@ def predict_peak(
     packed: bool = True,
     int8_embeddings: bool = True,
     task_factor: float = 1.0,
-    int8_keeps_inputs: bool = True,
     shape: ModelShape | None = None,
 ) -> dict[str, int]:
     """Predicted peak memory of one training step, by part (bytes); the peak is the sum.
@@ -483,7 +453,6 @@ def predict_peak(
         act_bytes: bytes per activation element (the autocast dtype; default ``dtype_bytes``).
         packed: packed rows carry two (B, 1, T, T) masks.
         task_factor: sequences through the policy per row (2.0 for preference pairs, see :func:`plan_memory`).
-        int8_keeps_inputs: bitsandbytes' int8 matmuls keep their inputs past checkpointing (see ``ModelShape``).
         shape: a :func:`describe_model` result to reuse (skips the meta-device build).
 
     Returns:
@@ -500,7 +469,7 @@ def predict_peak(
         _activation_bytes(
             shape, batch_size=batch_size, seq_len=seq_len, act_bytes=act_bytes or dtype_bytes,
             gradient_checkpointing=gradient_checkpointing, loss_chunk_size=loss_chunk_size, packed=packed,
-            task_factor=task_factor, int8_keeps_inputs=int8_keeps_inputs,
+            task_factor=task_factor,
         )
     )
     return {k: int(v) for k, v in parts.items() if v}
@@ -570,7 +539,6 @@ def plan_memory(
     act_bytes: int | None = None,
     int8_embeddings: bool = True,
     packed: bool = True,
-    int8_keeps_inputs: bool = True,
     shape: ModelShape | None = None,
     fixed: dict[str, Any] | None = None,
 ) -> MemoryPlan:
@@ -591,7 +559,6 @@ def plan_memory(
             rejected both keep activations; the reference model's pass runs without grad and keeps none).
         act_bytes: bytes per activation element (default ``dtype_bytes``).
         packed: rows are packed (they carry block-diagonal masks).
-        int8_keeps_inputs: bitsandbytes' int8 matmuls keep their inputs past checkpointing (see ``ModelShape``).
         shape: a :func:`describe_model` result to reuse (skips the meta-device build).
         fixed: choices the user made, kept as they are: ``batch_size`` (with ``grad_accum``: the micro-batch split
             of the global batch), ``gradient_checkpointing``, ``loss_chunk_size``.
@@ -615,7 +582,7 @@ def plan_memory(
             model_config, quant=quant, dtype_bytes=dtype_bytes, lora_r=lora_r, lora_targets=lora_targets,
             batch_size=batch, seq_len=seq, gradient_checkpointing=checkpointing, loss_chunk_size=chunk,
             device_type=device_type, act_bytes=act_bytes, packed=packed, task_factor=task_factor,
-            int8_keeps_inputs=int8_keeps_inputs, shape=shape,
+            shape=shape,
         )
 
     label = budget if isinstance(budget, str) else format_size(budget)

@@ -43,7 +43,6 @@ from gemma_lowmem.distributed import Ranks, init_distributed, wrap_ddp
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.loss import sft_loss
 from gemma_lowmem.memory import BudgetTooSmall, PeakMemory, format_size, is_oom
-from gemma_lowmem.model import int8_dequantized_matmuls
 from gemma_lowmem.runlog import MetricsLog, plot_loss_curve
 
 Example = dict[str, list[int]]
@@ -225,11 +224,10 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), 0
-    with int8_dequantized_matmuls(model):  # bitsandbytes' eval-mode int8 kernel is slow on CPU
-        for batch in batches:
-            with precision.autocast():
-                total += _split(loss_fn(model, _to_device(batch, device)))[0].float()
-            count += int(batch["num_loss_tokens"])  # a CPU tensor: no device sync
+    for batch in batches:
+        with precision.autocast():
+            total += _split(loss_fn(model, _to_device(batch, device)))[0].float()
+        count += int(batch["num_loss_tokens"])  # a CPU tensor: no device sync
     model.train(was_training)
     sums = ranks.sum(torch.stack([total.double(), torch.tensor(count, dtype=torch.float64, device=device)]))
     total_loss, total_count = sums.tolist()  # host sync: once per validation

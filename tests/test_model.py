@@ -52,3 +52,32 @@ def test_int8_gemma3n_with_lora_trains(tmp_path):
     loss.backward()  # AltUp's clamped weights stay float (INT8_SKIP_MODULES): int8 storage there would fail here
     assert torch.isfinite(loss)
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n)
+
+
+def test_int8_layers_run_the_kernel_that_keeps_no_input_and_match_bitsandbytes(tmp_path):
+    """Loaded int8 layers are FrozenInt8Linear (PEFT still wraps them as int8 LoRA layers); they give what
+    bitsandbytes' own training-mode matmul gives, and the same in eval mode."""
+    from bitsandbytes.nn import Linear8bitLt
+    from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
+
+    from gemma_lowmem.config import LoraConfig
+    from gemma_lowmem.model import FrozenInt8Linear, add_lora
+    from tests.tiny import tiny_gemma3
+
+    tiny_gemma3().save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    base = load_base_model(ModelConfig(model=str(tmp_path), quant="int8"), torch.device("cpu"))
+    int8 = [m for m in base.modules() if isinstance(m, Linear8bitLt)]
+    assert int8 and all(type(m) is FrozenInt8Linear for m in int8)
+    layer = int8[0].train()  # from_pretrained leaves eval mode, where bitsandbytes quantizes the inputs too
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+    ours = layer(x)
+    (grad_ours,) = torch.autograd.grad(ours.sum(), x)
+    reference = Linear8bitLt.forward(layer, x)  # bitsandbytes' own path, training mode
+    (grad_ref,) = torch.autograd.grad(reference.sum(), x)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-5, atol=1e-5)
+    layer.eval()
+    torch.testing.assert_close(layer(x), ours, rtol=0, atol=0)  # eval: the same dequantize + matmul
+    model = add_lora(base, LoraConfig(r=4, alpha=8), gradient_checkpointing=False)
+    assert any(isinstance(m, LoraLinear8bitLt) for m in model.modules())

@@ -1,11 +1,16 @@
-"""Row-wise int8 embedding: exact agreement with its reference, the quantization error bound, module plumbing."""
+"""Row-wise int8 embedding: exact agreement with its reference, the quantization error bound, module plumbing,
+and the table memory-mapped from a file (same values, file layout, resident memory, state dicts)."""
 
 from __future__ import annotations
 
+import copy
 import gc
+import io
 import math
 import weakref
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -182,6 +187,18 @@ def test_cpu_table_serves_gpu_ids():
     assert torch.equal(module(ids.cuda()).cpu(), out.cpu())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mapped_table_serves_gpu_ids_and_moves_to_gpu(tmp_path):
+    emb = ScaledEmbedding(V, D, 2.0).cuda()
+    in_memory = Int8Embedding.from_embedding(emb, table_device="cpu")
+    mapped = Int8Embedding.from_embedding(emb, table_file=tmp_path / "table.int8")  # quantized on the GPU
+    assert mapped.table_device == torch.device("cpu") and mapped.scale.device == torch.device("cpu")
+    ids = make_ids(seed=28).cuda()
+    assert torch.equal(mapped(ids), in_memory(ids))
+    mapped.move_table("cuda")
+    assert mapped.table_file is None and mapped.q.is_cuda and torch.equal(mapped(ids), in_memory(ids))
+
+
 def test_rejects_what_it_cannot_convert():
     with pytest.raises(ValueError, match="max_norm"):
         Int8Embedding.from_embedding(nn.Embedding(V, D, max_norm=1.0))
@@ -192,3 +209,187 @@ def test_rejects_what_it_cannot_convert():
 def test_repr_names_the_layout():
     text = repr(Int8Embedding(V, D, padding_idx=-2, embed_scale=2.0))
     assert f"{V}, {D}, padding_idx={V - 2}, embed_scale=2.0" in text and "table_device=cpu" in text
+
+
+PROC_STATUS = Path("/proc/self/status")
+
+
+def vm_rss_bytes() -> int:
+    """This process's resident set (anonymous and file-backed pages) from /proc/self/status."""
+    for line in PROC_STATUS.read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    raise AssertionError("no VmRSS line in /proc/self/status")
+
+
+def file_table(path: Path, num: int = V, dim: int = D) -> torch.Tensor:
+    """The raw int8 file as a (num, dim) tensor, read with ordinary file reads."""
+    return torch.from_numpy(np.fromfile(path, dtype=np.int8).reshape(num, dim))
+
+
+@pytest.mark.parametrize("how", ["map_table", "table_file"])
+def test_mapped_lookups_match_in_memory(tmp_path, how):
+    emb = ScaledEmbedding(V, D, 2.0)
+    with torch.no_grad():
+        emb.weight.copy_(make_table(seed=11))
+    in_memory = Int8Embedding.from_embedding(emb, dtype=torch.float32, chunk_rows=100)
+    path = tmp_path / "table.int8"
+    if how == "map_table":
+        mapped = Int8Embedding.from_embedding(emb, dtype=torch.float32, chunk_rows=100)
+        assert mapped.map_table(path) is mapped
+    else:
+        mapped = Int8Embedding.from_embedding(emb, dtype=torch.float32, chunk_rows=100, table_file=path)
+    assert in_memory.table_file is None and mapped.table_file == path
+    assert path.stat().st_size == V * D  # raw int8, nothing else
+    assert torch.equal(file_table(path), in_memory.q)  # row-major
+    ids = make_ids(seed=12)
+    assert torch.equal(mapped(ids), in_memory(ids))
+    assert torch.equal(mapped.scale, in_memory.scale) and mapped.table_device == torch.device("cpu")
+    assert f"table_file={str(path)!r} (memory-mapped)" in repr(mapped)
+    assert "memory-mapped" not in repr(in_memory)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_random_table_file_matches_random(tmp_path):
+    kwargs = dict(padding_idx=3, dtype=torch.float32, chunk_rows=97)  # 97 does not divide V: a short last chunk
+    in_memory = Int8Embedding.random(V, D, 0.5, torch.Generator().manual_seed(13), **kwargs)
+    path = tmp_path / "random.int8"
+    mapped = Int8Embedding.random(V, D, 0.5, torch.Generator().manual_seed(13), table_file=path, **kwargs)
+    assert mapped.table_file == path and path.stat().st_size == V * D
+    assert torch.equal(mapped.q, in_memory.q) and torch.equal(mapped.scale, in_memory.scale)
+    assert torch.equal(file_table(path), in_memory.q)
+    assert torch.all(mapped(torch.tensor([3])) == 0)  # the padding row
+
+
+@pytest.mark.skipif(not PROC_STATUS.exists(), reason="needs /proc/self/status (Linux)")
+def test_table_file_keeps_the_table_out_of_resident_memory(tmp_path):
+    num, dim = 8192, 8192  # 64 MiB of int8
+    table_bytes = num * dim
+    # 16-row chunks keep the fp32 temporaries at 512 KiB: freed temporaries of a few MiB stay in malloc's heap
+    # (measured: up to 48 MiB more VmRSS with 256-row chunks), which would blur what the table itself costs
+    chunk_rows = 16
+    ids = torch.randint(0, num, (16,), generator=torch.Generator().manual_seed(14))
+    # warm up the code paths (and their library pages) so that the measurements see only the table
+    Int8Embedding.random(64, dim, table_file=tmp_path / "warmup.int8", chunk_rows=chunk_rows)(ids % 64)
+    gc.collect()
+    before = vm_rss_bytes()
+    mapped = Int8Embedding.random(num, dim, 0.02, torch.Generator().manual_seed(15), chunk_rows=chunk_rows,
+                                  table_file=tmp_path / "table.int8")
+    rows = mapped(ids)
+    mapped_growth = vm_rss_bytes() - before
+    before = vm_rss_bytes()
+    in_memory = Int8Embedding.random(num, dim, 0.02, torch.Generator().manual_seed(15), chunk_rows=chunk_rows)
+    in_memory_growth = vm_rss_bytes() - before
+    assert mapped_growth < 0.25 * table_bytes, f"mapped table: VmRSS grew {mapped_growth / 2**20:.1f} MiB"
+    assert in_memory_growth > 0.9 * table_bytes  # the same measurement does see a table held in memory
+    assert torch.equal(rows, in_memory(ids))
+
+
+def test_map_table_rejects_a_file_of_the_wrong_size(tmp_path):
+    path = tmp_path / "short.int8"
+    path.write_bytes(bytes(V * D - 1))
+    module = Int8Embedding(V, D)
+    with pytest.raises(ValueError, match="short.int8") as info:
+        module.map_table(path, write=False)
+    assert f"{V * D - 1} bytes" in str(info.value) and str(V * D) in str(info.value)
+    assert module.table_file is None
+
+
+def test_map_table_maps_an_existing_file(tmp_path):
+    path = tmp_path / "table.int8"
+    built = Int8Embedding.random(V, D, generator=torch.Generator().manual_seed(16), table_file=path)
+    ids = make_ids(seed=17)
+    for table_device in ["cpu", "meta"]:  # e.g. a model built on the meta device
+        reopened = Int8Embedding(V, D, table_device=table_device).map_table(path, write=False)
+        reopened.scale.copy_(built.scale)  # the file holds q only
+        assert reopened.table_file == path and reopened.scale.device == torch.device("cpu")
+        assert torch.equal(reopened(ids), built(ids))
+
+
+def test_map_table_rewrites_a_mapped_file_safely(tmp_path):
+    path, other = tmp_path / "a.int8", tmp_path / "b.int8"
+    module = Int8Embedding.random(V, D, generator=torch.Generator().manual_seed(18), table_file=path)
+    expected = module.q.clone()
+    old_q = module.q  # a live map of the first file, e.g. held by a state dict
+    module.map_table(path)  # rewritten beside and renamed: the old map must stay readable (no SIGBUS)
+    module.map_table(other)  # from a mapped table to a new file
+    assert module.table_file == other
+    assert torch.equal(old_q, expected) and torch.equal(module.q, expected)
+    assert torch.equal(file_table(path), expected) and torch.equal(file_table(other), expected)
+
+
+def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    calls = []
+
+    def failing_quantize(rows, q_out, scale_out):
+        calls.append(rows.shape)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+
+    monkeypatch.setattr(int8_module, "_quantize_into", failing_quantize)
+    path = tmp_path / "table.int8"
+    with pytest.raises(RuntimeError, match="disk full"):
+        Int8Embedding.from_embedding(nn.Embedding(V, D), chunk_rows=100, table_file=path)
+    assert list(tmp_path.iterdir()) == []  # neither the table nor its partial file
+
+
+def test_mapped_state_dict_round_trip(tmp_path):
+    path = tmp_path / "table.int8"
+    mapped = Int8Embedding.random(V, D, generator=torch.Generator().manual_seed(19), embed_scale=3.0,
+                                  table_file=path)
+    buffer = io.BytesIO()
+    torch.save(mapped.state_dict(), buffer)  # the mapped q saves as an ordinary tensor
+    buffer.seek(0)
+    state = torch.load(buffer)
+    restored = Int8Embedding(V, D, embed_scale=3.0)
+    restored.load_state_dict(state)
+    ids = make_ids(seed=20)
+    assert restored.table_file is None and torch.equal(restored(ids), mapped(ids))
+
+
+def test_load_state_dict_into_a_mapped_table_rewrites_its_file(tmp_path):
+    source = Int8Embedding.random(V, D, generator=torch.Generator().manual_seed(21))
+    path = tmp_path / "table.int8"
+    mapped = Int8Embedding.random(V, D, generator=torch.Generator().manual_seed(22), table_file=path)
+    assert not torch.equal(mapped.q, source.q)
+    result = mapped.load_state_dict(source.state_dict())
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert mapped.table_file == path  # still mapped, now from the rewritten file
+    assert torch.equal(file_table(path), source.q)
+    ids = make_ids(seed=23)
+    assert torch.equal(mapped(ids), source(ids))
+    with pytest.raises(RuntimeError, match="size mismatch for q"):  # the default checks still apply
+        mapped.load_state_dict({"q": source.q[:-1], "scale": source.scale})
+    mapped.load_state_dict(source.state_dict(), assign=True)  # assign takes the tensors as they are
+    assert mapped.table_file is None and mapped.q.data_ptr() == source.q.data_ptr()
+
+
+def test_move_table_copies_a_mapped_table(tmp_path):
+    path = tmp_path / "table.int8"
+    module = Int8Embedding.random(V, D, generator=torch.Generator().manual_seed(24), table_file=path)
+    module.to(torch.float64)  # whole-model casts leave the mapped table alone too
+    assert module.table_file == path
+    ids = make_ids(seed=25)
+    expected = module(ids)
+    mapped_ptr = module.q.data_ptr()
+    module.move_table("cpu")
+    assert module.table_file is None and module.q.data_ptr() != mapped_ptr  # copied into memory
+    assert "memory-mapped" not in repr(module) and torch.equal(module(ids), expected)
+
+
+def test_deepcopy_of_a_mapped_table_is_in_memory(tmp_path):
+    path = tmp_path / "table.int8"
+    module = Int8Embedding.random(V, D, generator=torch.Generator().manual_seed(26), table_file=path)
+    clone = copy.deepcopy(module)
+    ids = make_ids(seed=27)
+    assert clone.table_file is None and module.table_file == path
+    assert torch.equal(clone(ids), module(ids))
+
+
+def test_table_file_needs_a_cpu_table(tmp_path):
+    path = tmp_path / "table.int8"
+    with pytest.raises(ValueError, match="table_device='meta'"):
+        Int8Embedding.random(V, D, table_device="meta", table_file=path)
+    with pytest.raises(ValueError, match="meta device"):
+        Int8Embedding(V, D, table_device="meta").map_table(path)
+    assert not path.exists()
