@@ -50,8 +50,14 @@ class ModelConfig:
         choices=("auto", "bf16", "fp16", "fp32"),
     )
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa or eager (flash_attention_2 where installed)")
-    int8_embeddings: bool = _f(True, "keep big per-layer embedding tables (Gemma 3n) row-wise int8")
+    int8_embeddings: bool = _f(
+        True, "keep the big embedding tables row-wise int8: the tied embedding/LM head and Gemma 3n's per-layer table"
+    )
     embeddings_on_cpu: bool = _f(False, "keep the int8 per-layer embedding table on the CPU when training on a GPU")
+    embeddings_on_disk: bool = _f(
+        False, "memory-map the int8 per-layer embedding table from a file in the cache folder: only the rows a "
+        "batch uses are read into memory (Gemma 3n E2B: 1.9 GB less resident memory)"
+    )
     system_role: bool = _f(
         False, "the chat template accepts a system turn; off for Gemma: system text is folded into the first user turn"
     )

@@ -61,6 +61,7 @@ def token_losses(
             hidden,
             parts.head.weight,
             labels,
+            weight_scale=getattr(parts.head, "weight_scale", None),  # an int8 tied head (model.Int8TiedHead)
             ignore_index=IGNORE_INDEX,
             softcap=parts.softcap,
             chunk_size=chunk_size,

@@ -9,7 +9,9 @@ of ``a`` bytes (4 on CPUs without native bf16, 2 under bf16/fp16 autocast), L la
 Gemma 3n's AltUp), MLP width I, vocabulary V and loss chunk C:
 
     frozen weights   int8 linears 1 B + an fp32 scale per row; nf4 0.5 B + 1/16 B; the rest in the weights' dtype;
-                     Gemma 3n's per-layer table row-wise int8 (``int8_embeddings``)
+                     big embedding tables (``embeddings``): row-wise int8, 1 B + a scale per row, for Gemma 3n's
+                     per-layer table and the input embedding with a tied head; "disk" leaves the per-layer table
+                     memory-mapped (its scales alone resident)
     LoRA             16 B per parameter: fp32 weight, gradient, AdamW's two moments
     runtime          CPU: 0.489 GiB (Python, torch, transformers, peft, bitsandbytes through a whole fit);
                      CUDA: 256 MiB of allocator slack (an assumption: no GPU to measure on)
@@ -64,7 +66,7 @@ from gemma_lowmem.model import BUNDLED, INT8_SKIP_MODULES, offline_hint, resolve
 from kernels.linear_cross_entropy import DEFAULT_CHUNK_BYTES
 
 if TYPE_CHECKING:
-    from gemma_lowmem.config import RunConfig
+    from gemma_lowmem.config import ModelConfig, RunConfig
 
 GiB = 1024**3
 SHIPPED_CONFIGS = {"gemma-3n-e2b": Path(__file__).parent / "configs" / "gemma3n_e2b_text.json"}
@@ -202,6 +204,7 @@ LOSS_CHUNK_CHOICES = (None, 128, 64, 32, 16)  # None: the loss's default (~256 M
 # Sequences through the policy per data row: preference pairs run chosen and rejected (the reference model's
 # pass is without grad and keeps no activations).
 TASK_FACTORS = {"preference": 2.0}
+EMBEDDINGS = ("float", "int8", "disk")
 # The settings the planner chooses (unless the user gave them).
 PLANNED = ("batch_size", "grad_accum", "gradient_checkpointing", "loss_chunk_size")
 
@@ -293,7 +296,7 @@ def describe_model(
     *,
     quant: str,
     dtype_bytes: int,
-    int8_embeddings: bool = True,
+    embeddings: str = "int8",
     lora_r: int = 16,
     lora_targets: Sequence[str] = (),
 ) -> ModelShape:
@@ -303,7 +306,9 @@ def describe_model(
         model_config: a transformers text-model config.
         quant: "int8", "nf4" or "none": how the decoder's linears are held (the LM head never is).
         dtype_bytes: bytes per element of the frozen non-quantized weights (2 for bf16, 4 for fp32).
-        int8_embeddings: Gemma 3n's per-layer table is row-wise int8 (``ModelConfig.int8_embeddings``).
+        embeddings: how the big tables are held (:func:`embeddings_mode`): "float" in the weights' dtype; "int8"
+            row-wise (Gemma 3n's per-layer table, and the input embedding with its tied head); "disk" as "int8"
+            with the per-layer table memory-mapped from a file.
         lora_r: LoRA rank.
         lora_targets: projection names that get an adapter.
 
@@ -314,6 +319,8 @@ def describe_model(
 
     if quant not in BYTES_PER_WEIGHT:
         raise UserError(f"quant={quant!r} is not one of {', '.join(BYTES_PER_WEIGHT)}")
+    if embeddings not in EMBEDDINGS:
+        raise UserError(f"embeddings={embeddings!r} is not one of {', '.join(EMBEDDINGS)}")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
     decoder = model.get_decoder()
@@ -335,9 +342,13 @@ def describe_model(
                 stats = 4 * param.shape[0] if quant == "int8" else param.numel() * NF4_STATS_PER_WEIGHT
                 weights["quantized linears"] += param.numel() * per_quantized + stats
             elif module is table:
-                per_row = param.shape[1] + 4 if int8_embeddings else param.shape[1] * dtype_bytes
+                per_row = {"float": param.shape[1] * dtype_bytes, "int8": param.shape[1] + 4, "disk": 4}[embeddings]
                 weights["per-layer embedding"] += param.shape[0] * per_row
-            elif module is head or module is model.get_input_embeddings():
+            elif module is model.get_input_embeddings():
+                int8_rows = embeddings != "float" and head.weight is param  # only a tied embedding turns int8
+                per_row = param.shape[1] + 4 if int8_rows else param.shape[1] * dtype_bytes
+                weights["embedding and head"] += param.shape[0] * per_row
+            elif module is head:  # an untied head stays in the weights' dtype
                 weights["embedding and head"] += param.numel() * dtype_bytes
             else:
                 weights["other frozen"] += param.numel() * dtype_bytes
@@ -369,14 +380,14 @@ def describe_model(
     )
 
 
-def estimate_weight_bytes(model_config: object, quant: str, dtype_bytes: int, *, int8_embeddings: bool = False) -> int:
+def estimate_weight_bytes(model_config: object, quant: str, dtype_bytes: int, *, embeddings: str = "float") -> int:
     """Bytes of the frozen weights, from the config alone (the model is built on the meta device).
 
     Linear layers of the decoder are quantized (int8: 1 byte + a scale per row, nf4: 0.5 byte + block scales);
-    embeddings, norms and the tied head stay in the weights' dtype; with ``int8_embeddings`` Gemma 3n's
-    per-layer table is row-wise int8 (``ModelConfig.int8_embeddings``).
+    embeddings, norms and the tied head stay in the weights' dtype unless ``embeddings`` says otherwise
+    (:func:`describe_model`).
     """
-    shape = describe_model(model_config, quant=quant, dtype_bytes=dtype_bytes, int8_embeddings=int8_embeddings)
+    shape = describe_model(model_config, quant=quant, dtype_bytes=dtype_bytes, embeddings=embeddings)
     return sum(shape.weight_bytes.values())
 
 
@@ -436,7 +447,7 @@ def predict_peak(
     device_type: str,
     act_bytes: int | None = None,
     packed: bool = True,
-    int8_embeddings: bool = True,
+    embeddings: str = "int8",
     task_factor: float = 1.0,
     shape: ModelShape | None = None,
 ) -> dict[str, int]:
@@ -444,7 +455,7 @@ def predict_peak(
 
     Args:
         model_config: the text model's config.
-        quant, dtype_bytes, int8_embeddings, lora_r, lora_targets: as in :func:`describe_model`.
+        quant, dtype_bytes, embeddings, lora_r, lora_targets: as in :func:`describe_model`.
         batch_size: rows per micro-batch.
         seq_len: tokens per row.
         gradient_checkpointing: recompute each layer in backward.
@@ -459,7 +470,7 @@ def predict_peak(
         ``{part: bytes}``.
     """
     shape = shape or describe_model(
-        model_config, quant=quant, dtype_bytes=dtype_bytes, int8_embeddings=int8_embeddings, lora_r=lora_r,
+        model_config, quant=quant, dtype_bytes=dtype_bytes, embeddings=embeddings, lora_r=lora_r,
         lora_targets=lora_targets,
     )
     parts: dict[str, float] = dict(shape.weight_bytes)
@@ -537,7 +548,7 @@ def plan_memory(
     device_type: str,
     task_factor: float = 1.0,
     act_bytes: int | None = None,
-    int8_embeddings: bool = True,
+    embeddings: str = "int8",
     packed: bool = True,
     shape: ModelShape | None = None,
     fixed: dict[str, Any] | None = None,
@@ -551,7 +562,7 @@ def plan_memory(
     Args:
         model_config: the text model's config.
         budget: bytes, or a size as ``--max-mem`` takes it (``8GB``: errors quote it as given).
-        quant, dtype_bytes, lora_r, lora_targets, int8_embeddings: as in :func:`describe_model`.
+        quant, dtype_bytes, lora_r, lora_targets, embeddings: as in :func:`describe_model`.
         max_seq_length: tokens per row (packed rows are this long).
         global_batch_tokens: tokens per optimizer step to reach (rounded up to whole rows).
         device_type: "cpu" or "cuda".
@@ -572,7 +583,7 @@ def plan_memory(
             with the ``fixed`` choices (the message names them).
     """
     shape = shape or describe_model(
-        model_config, quant=quant, dtype_bytes=dtype_bytes, int8_embeddings=int8_embeddings, lora_r=lora_r,
+        model_config, quant=quant, dtype_bytes=dtype_bytes, embeddings=embeddings, lora_r=lora_r,
         lora_targets=lora_targets,
     )
     rows = max(1, -(-global_batch_tokens // max_seq_length))
@@ -629,6 +640,13 @@ def plan_memory(
     )
 
 
+def embeddings_mode(model: ModelConfig) -> str:
+    """How a run holds the big embedding tables, for :func:`describe_model`: "float", "int8" or "disk"."""
+    if not model.int8_embeddings:
+        return "float"
+    return "disk" if model.embeddings_on_disk else "int8"
+
+
 def plan_run(cfg: RunConfig, model_config: Any, device: torch.device, keep: Collection[str] = ()) -> MemoryPlan:
     """The memory plan of a training run: ``cfg.train.max_mem`` for rows of ``pack_len`` (or ``max_seq_length``)
     tokens and the config's global batch (``batch_size * grad_accum`` rows).
@@ -661,7 +679,7 @@ def plan_run(cfg: RunConfig, model_config: Any, device: torch.device, keep: Coll
         dtype_bytes=torch.finfo(weight_dtype(device, cfg.model.dtype)).bits // 8, lora_r=cfg.lora.r,
         lora_targets=cfg.lora.target_modules, max_seq_length=seq, global_batch_tokens=train.batch_size
         * train.grad_accum * seq, device_type=device.type, task_factor=task_factor(cfg.data.task),
-        act_bytes=torch.finfo(autocast).bits // 8 if autocast else 4, int8_embeddings=cfg.model.int8_embeddings,
+        act_bytes=torch.finfo(autocast).bits // 8 if autocast else 4, embeddings=embeddings_mode(cfg.model),
         packed=train.packing, fixed=fixed,
     )
 

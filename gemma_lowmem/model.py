@@ -126,6 +126,40 @@ class FrozenInt8Linear(Linear8bitLt):
         return int8_linear(x, self.weight.data, absmax / 127, self.bias)
 
 
+class Int8TiedHead(torch.nn.Module):
+    """The LM head of a model whose tied embedding is an ``Int8Embedding``: the same int8 rows and scales, no copy.
+
+    The chunked loss reads ``weight`` (V, H) int8 and ``weight_scale`` (V,) and dequantizes a block of the
+    vocabulary at a time (``loss.token_losses``); calling the head (generation, full logits) does the same through
+    ``kernels.int8_linear``. The table is held as a plain attribute, not a submodule: it belongs to the embedding.
+    """
+
+    def __init__(self, table: Int8Embedding) -> None:
+        super().__init__()
+        self.__dict__["table"] = table
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.table.q
+
+    @property
+    def weight_scale(self) -> torch.Tensor:
+        return self.table.scale
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return int8_linear(hidden, self.table.q, self.table.scale)
+
+
+def _quantize_tied_embedding(model: PreTrainedModel, dtype: torch.dtype) -> None:
+    # Gemma's tied 262k-row embedding is 0.6 GiB (270M) to 2 GiB (E2B) in fp32; as int8 rows it is a quarter of that.
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(embedding, torch.nn.Embedding) or head is None or head.weight is not embedding.weight:
+        return  # not tied: an untied head would need its own int8 copy, and gathering rows saves little alone
+    table = Int8Embedding.from_embedding(embedding, dtype=dtype)
+    model.set_input_embeddings(table)
+    model.set_output_embeddings(Int8TiedHead(table))
+
+
 def use_int8_kernels(model: torch.nn.Module) -> None:
     """Switch every bitsandbytes int8 linear in ``model`` to :class:`FrozenInt8Linear`, in place (no copy)."""
     for module in model.modules():
@@ -185,16 +219,25 @@ def load_base_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
     model.requires_grad_(False)
     use_int8_kernels(model)
     if cfg.int8_embeddings:
-        _quantize_per_layer_embeddings(model, dtype, torch.device("cpu") if cfg.embeddings_on_cpu else device)
+        _quantize_tied_embedding(model, dtype)
+        on_cpu = cfg.embeddings_on_cpu or cfg.embeddings_on_disk
+        table_file = CACHE / "tables" / f"{hashlib.sha256(path.encode()).hexdigest()[:16]}-per-layer.int8"
+        _quantize_per_layer_embeddings(model, dtype, torch.device("cpu") if on_cpu else device,
+                                       table_file if cfg.embeddings_on_disk else None)
     return model
 
 
-def _quantize_per_layer_embeddings(model: PreTrainedModel, dtype: torch.dtype, table_device: torch.device) -> None:
+def _quantize_per_layer_embeddings(model: PreTrainedModel, dtype: torch.dtype, table_device: torch.device,
+                                   table_file: Path | None) -> None:
     # Gemma 3n's per-layer table (262,144 x 7,680 in E2B: 4 GB in bf16) is only ever gathered: int8 rows lose little.
     decoder = model.get_decoder()
     table = getattr(decoder, "embed_tokens_per_layer", None)
     if isinstance(table, torch.nn.Embedding):
-        decoder.embed_tokens_per_layer = Int8Embedding.from_embedding(table, dtype=dtype, table_device=table_device)
+        if table_file is not None:
+            table_file.parent.mkdir(parents=True, exist_ok=True)
+        decoder.embed_tokens_per_layer = Int8Embedding.from_embedding(
+            table, dtype=dtype, table_device=table_device, table_file=table_file
+        )
 
 
 def add_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: bool) -> PeftModel:

@@ -21,7 +21,7 @@ from gemma_lowmem.cli import run_script
 from gemma_lowmem.config import LoraConfig
 from gemma_lowmem.device import DTYPES, default_device, resolve_precision, weight_dtype
 from gemma_lowmem.errors import UserError
-from gemma_lowmem.memory import GiB, describe_model, load_model_config, parse_size, plan_memory, task_factor
+from gemma_lowmem.memory import EMBEDDINGS, GiB, describe_model, load_model_config, parse_size, plan_memory, task_factor
 
 
 def _dtypes(device: str, dtype: str, precision: str) -> tuple[torch.dtype, torch.dtype]:
@@ -51,7 +51,9 @@ def main() -> None:
     parser.add_argument("--task", default="summary_eval", help="task: preference pairs count twice")
     parser.add_argument("--lora-r", type=int, default=LoraConfig().r)
     parser.add_argument("--lora-target-modules", nargs="+", default=LoraConfig().target_modules)
-    parser.add_argument("--no-int8-embeddings", action="store_true", help="keep Gemma 3n's per-layer table in dtype")
+    parser.add_argument("--embeddings", default="int8", choices=EMBEDDINGS,
+                        help="big embedding tables: float (the weights' dtype), int8 rows, or int8 with Gemma 3n's "
+                        "per-layer table memory-mapped from disk (--embeddings-on-disk)")
     args = parser.parse_args()
 
     parse_size(args.max_mem)  # a bad size fails before the model config is read
@@ -63,7 +65,7 @@ def main() -> None:
     weights_dtype, act_dtype = _dtypes(args.device, args.dtype, args.precision)
     dtype_bytes, act_bytes = torch.finfo(weights_dtype).bits // 8, torch.finfo(act_dtype).bits // 8
     model_config = load_model_config(args.model)
-    kw = dict(quant=args.quant, dtype_bytes=dtype_bytes, int8_embeddings=not args.no_int8_embeddings,
+    kw = dict(quant=args.quant, dtype_bytes=dtype_bytes, embeddings=args.embeddings,
               lora_r=args.lora_r, lora_targets=args.lora_target_modules)
     shape = describe_model(model_config, **kw)
     print(f"model {args.model}: {shape.num_layers} layers, hidden {shape.hidden}, vocab {shape.vocab}; "

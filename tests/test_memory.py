@@ -91,10 +91,15 @@ def test_shipped_e2b_config_has_the_published_size(e2b):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert (e2b.hidden_size, e2b.num_hidden_layers, e2b.num_key_value_heads, e2b.head_dim) == (2048, 30, 2, 256)
     assert e2b.layer_types.count("full_attention") == 6 and e2b.final_logit_softcapping == 30.0
-    shape = describe_model(e2b, quant="int8", dtype_bytes=2, int8_embeddings=True, lora_r=16, lora_targets=TARGETS)
-    # the per-layer table as row-wise int8: one byte per element and an fp32 scale per row
+    shape = describe_model(e2b, quant="int8", dtype_bytes=2, embeddings="int8", lora_r=16, lora_targets=TARGETS)
+    # the big tables as row-wise int8: one byte per element and an fp32 scale per row (the tied head counted once)
     assert shape.weight_bytes["per-layer embedding"] == 262_144 * (7680 + 4)
+    assert shape.weight_bytes["embedding and head"] == 262_400 * (2048 + 4)
     assert shape.stream == 4 * 2048
+    on_disk = describe_model(e2b, quant="int8", dtype_bytes=2, embeddings="disk")
+    assert on_disk.weight_bytes["per-layer embedding"] == 262_144 * 4  # mapped: only the scales are resident
+    floats = describe_model(e2b, quant="int8", dtype_bytes=2, embeddings="float")
+    assert floats.weight_bytes["embedding and head"] == 262_400 * 2048 * 2
 
 
 SMALL = dict(layers=4, hidden_size=256, intermediate_size=1024)

@@ -26,7 +26,8 @@ def test_multimodal_checkpoint_loads_only_the_language_model(tmp_path, prefix):
     assert any(k.startswith(prefix + "layers.0.") for k in renamed)
     save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
 
-    model = load_base_model(ModelConfig(model=str(tmp_path), quant="none", dtype="fp32"), torch.device("cpu"))
+    model = load_base_model(ModelConfig(model=str(tmp_path), quant="none", dtype="fp32", int8_embeddings=False),
+                            torch.device("cpu"))
     assert type(model).__name__ == "Gemma3ForCausalLM"
     assert not any("vision" in name or "multi_modal" in name for name, _ in model.named_parameters())
     ids = torch.randint(6, 1000, (1, 12))
@@ -81,3 +82,35 @@ def test_int8_layers_run_the_kernel_that_keeps_no_input_and_match_bitsandbytes(t
     torch.testing.assert_close(layer(x), ours, rtol=0, atol=0)  # eval: the same dequantize + matmul
     model = add_lora(base, LoraConfig(r=4, alpha=8), gradient_checkpointing=False)
     assert any(isinstance(m, LoraLinear8bitLt) for m in model.modules())
+
+
+def test_tied_embedding_and_head_as_int8_rows(tmp_path):
+    """The tied embedding becomes one int8 table that the lookup and the head share (no float copy of either);
+    logits stay within quantization error of the float model, and the chunked loss (vocabulary blocks) equals the
+    full-logits loss through the head."""
+    from gemma_lowmem.config import LoraConfig
+    from gemma_lowmem.data.collate import collate
+    from gemma_lowmem.loss import sft_loss
+    from gemma_lowmem.model import Int8TiedHead, add_lora
+    from kernels import Int8Embedding
+    from tests.tiny import tiny_gemma3
+
+    reference = tiny_gemma3().eval()
+    reference.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    base = load_base_model(ModelConfig(model=str(tmp_path), quant="none", dtype="fp32"), torch.device("cpu"))
+    table, head = base.get_input_embeddings(), base.get_output_embeddings()
+    assert isinstance(table, Int8Embedding) and isinstance(head, Int8TiedHead)
+    assert head.weight is table.q and head.weight_scale is table.scale  # shared, not copied
+    assert not any(p.numel() >= table.q.numel() for p in base.parameters())  # no float table left
+    ids = torch.randint(6, 1000, (2, 12))
+    with torch.no_grad():
+        ours, theirs = base(input_ids=ids).logits, reference(input_ids=ids).logits
+    assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()  # row-wise int8 error, not a different model
+    model = add_lora(base, LoraConfig(r=4, alpha=8), gradient_checkpointing=False)
+    batch = collate([[{"input_ids": list(range(6, 30)), "labels": [-100] * 10 + list(range(16, 30))}]], pad_id=0,
+                    packed=False)
+    torch.testing.assert_close(sft_loss(model, batch), sft_loss(model, batch, chunked=False), rtol=1e-5, atol=1e-4)
+    untied = load_base_model(ModelConfig(model=str(tmp_path), quant="none", dtype="fp32", int8_embeddings=False),
+                             torch.device("cpu"))
+    assert isinstance(untied.get_input_embeddings(), torch.nn.Embedding)

@@ -1,4 +1,7 @@
-"""Chunked linear cross-entropy against its full-logits reference: values, every gradient, dtypes, odd shapes."""
+"""Chunked linear cross-entropy against its full-logits reference: values, every gradient, dtypes, odd shapes.
+
+Float heads (token-chunk loop) first, then frozen row-wise int8 heads (vocabulary-block loop).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kernels.int8_embedding import quantize_rows
 from kernels.linear_cross_entropy import (
     DEFAULT_CHUNK_BYTES,
+    _default_block_rows,
     _default_chunk_size,
     linear_cross_entropy,
     linear_cross_entropy_ref,
@@ -40,9 +45,11 @@ def run(fn, hidden, weight, labels, dtype, upstream=None, **kw):
 def assert_no_worse(ours, ref, gold, factor: float = 2.0):
     """Each of ours is within ``factor`` x the reference's own error against the fp64 gold.
 
-    The floor of 1e-5 x max|gold| absorbs fp32 summation-order noise, where the reference can be exact by luck.
+    ``ours``, ``ref`` and ``gold`` are (loss, grad hidden[, grad weight]). The floor of 1e-5 x max|gold| absorbs
+    fp32 summation-order noise, where the reference can be exact by luck.
     """
-    for name, o, r, g in zip(("loss", "grad hidden", "grad weight"), ours, ref, gold, strict=True):
+    names = ("loss", "grad hidden", "grad weight")[:len(gold)]
+    for name, o, r, g in zip(names, ours, ref, gold, strict=True):
         assert o.dtype == r.dtype and o.shape == r.shape, name
         g = g.double()
         ours_err = (o.double() - g).abs().max().item()
@@ -202,17 +209,28 @@ def test_mixed_dtypes_compute_in_weight_dtype():
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op returns (forward and backward)."""
+    """Records the largest number of elements of any tensor an op returns (forward and backward).
+
+    Also counts ``dequantized``: the int8 elements read by ops that return a float tensor (the int8 -> float
+    conversions of a quantized head), and ``max_float_numel``, the largest float tensor returned.
+    """
 
     def __init__(self):
         super().__init__()
         self.max_numel = 0
+        self.max_float_numel = 0
+        self.dequantized = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
+        outs = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+        for t in outs:
+            self.max_numel = max(self.max_numel, t.numel())
+            if t.is_floating_point():
+                self.max_float_numel = max(self.max_float_numel, t.numel())
+        if any(t.is_floating_point() for t in outs):
+            inputs = [*args, *(kwargs or {}).values()]
+            self.dequantized += sum(t.numel() for t in inputs if isinstance(t, torch.Tensor) and t.dtype == torch.int8)
         return out
 
 
@@ -254,3 +272,163 @@ def test_bad_arguments(kwargs, message):
         linear_cross_entropy(hidden, weight, labels, **kwargs)
     with pytest.raises(ValueError, match="shift"):
         linear_cross_entropy(hidden, weight, labels[:3])
+
+
+# ---------------------------------------------------------------- frozen row-wise int8 head (vocabulary blocks)
+
+
+def make_int8_inputs(seed: int = 0, n: int = N, ignored: float = 0.3, shape: tuple[int, ...] | None = None):
+    """fp32 hidden, the int8 head ``q`` (V, H) and its fp32 ``scale`` (V,) from ``quantize_rows``, labels."""
+    hidden, weight, labels = make_inputs(seed, n, ignored, shape)
+    return hidden, *quantize_rows(weight), labels
+
+
+def run_int8(fn, hidden, q, scale, labels, dtype, upstream=None, **kw):
+    """Loss and the hidden gradient of ``fn`` with the int8 head, hidden cast to ``dtype``."""
+    h = hidden.to(dtype).clone().requires_grad_()
+    loss = fn(h, q, labels, weight_scale=scale, **kw)
+    (loss if upstream is None else (loss * upstream).sum()).backward()
+    return loss.detach(), h.grad
+
+
+def int8_gold(hidden, q, scale, labels, dtype, **kw):
+    """The reference in fp64 on hidden rounded to ``dtype`` and the exact head q * scale."""
+    return run_int8(linear_cross_entropy_ref, hidden.to(dtype).double(), q, scale.double(), labels, torch.float64, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("block", [1, 7, None])
+def test_int8_matches_reference(dtype, softcap, block):
+    """Block 1 sums 1003 per-block hidden gradients: in bf16 that sum would be far worse than the reference."""
+    hidden, q, scale, labels = make_int8_inputs(seed=20)
+    kw = dict(softcap=softcap, chunk_size=block)
+    ours = run_int8(linear_cross_entropy, hidden, q, scale, labels, dtype, **kw)
+    ref = run_int8(linear_cross_entropy_ref, hidden, q, scale, labels, dtype, **kw)
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == dtype
+    assert_no_worse(ours, ref, int8_gold(hidden, q, scale, labels, dtype, **kw))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_int8_reductions_3d(dtype, reduction):
+    hidden, q, scale, labels = make_int8_inputs(seed=21, shape=(3, 85))
+    upstream = torch.randn(3, 85, generator=torch.Generator().manual_seed(22)) if reduction == "none" else None
+    kw = dict(softcap=5.0, chunk_size=7, reduction=reduction, upstream=upstream)
+    ours = run_int8(linear_cross_entropy, hidden, q, scale, labels, dtype, **kw)
+    ref = run_int8(linear_cross_entropy_ref, hidden, q, scale, labels, dtype, **kw)
+    assert_no_worse(ours, ref, int8_gold(hidden, q, scale, labels, dtype, **kw))
+    if reduction == "none":
+        assert ours[0].shape == labels.shape
+        assert torch.all(ours[0][labels == -100] == 0) and torch.all(ours[0][labels != -100] > 0)
+        assert torch.all(ours[1][labels == -100] == 0)
+
+
+def test_int8_is_the_dequantized_float_head():
+    """The same loss as the float head it was quantized from, up to quantization error: the scales are per row."""
+    hidden, weight, labels = make_inputs(seed=23)
+    q, scale = quantize_rows(weight)
+    float_loss = linear_cross_entropy(hidden, weight, labels, softcap=5.0, reduction="none")
+    int8_loss = linear_cross_entropy(hidden, q, labels, weight_scale=scale, softcap=5.0, reduction="none")
+    torch.testing.assert_close(int8_loss, float_loss, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_int8_all_ignored(reduction):
+    hidden, q, scale, labels = make_int8_inputs(seed=24, n=10, ignored=1.0)
+    with LargestTensor() as probe:
+        loss, grad_hidden = run_int8(linear_cross_entropy, hidden, q, scale, labels, torch.float32,
+                                     reduction=reduction, upstream=torch.ones(10) if reduction == "none" else None)
+    assert torch.all(loss == 0) and not torch.isnan(loss).any()
+    assert grad_hidden is not None and torch.all(grad_hidden == 0)
+    assert probe.dequantized == 0  # no labelled token: the head is never read
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_int8_gradcheck_fp64(softcap, reduction):
+    g = torch.Generator().manual_seed(25)
+    hidden = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    q, scale = quantize_rows(torch.randn(11, 5, generator=g))
+    labels = torch.randint(0, 11, (9,), generator=g)
+    labels[[1, 4]] = -100
+
+    def fn(h):
+        return linear_cross_entropy(h, q, labels, weight_scale=scale.double(), softcap=softcap, chunk_size=4,
+                                    reduction=reduction)
+
+    assert torch.autograd.gradcheck(fn, (hidden,))
+
+
+def test_int8_under_cpu_bf16_autocast():
+    """fp32 hidden under autocast: the blocks are dequantized to bf16 and the matmuls run in bf16."""
+    hidden, q, scale, labels = make_int8_inputs(seed=26)
+    kw = dict(softcap=5.0, chunk_size=100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = run_int8(linear_cross_entropy, hidden, q, scale, labels, torch.float32, **kw)
+        ref = run_int8(linear_cross_entropy_ref, hidden, q, scale, labels, torch.float32, **kw)
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == torch.float32
+    assert_no_worse(ours, ref, int8_gold(hidden, q, scale, labels, torch.bfloat16, **kw))
+    # autocast really changed the arithmetic: the fp32 gradient differs by bf16-sized amounts
+    fp32 = run_int8(linear_cross_entropy, hidden, q, scale, labels, torch.float32, **kw)
+    assert not torch.allclose(fp32[1], ours[1], rtol=1e-3, atol=0)
+
+
+def test_int8_memory_and_dequantization_count():
+    """One block of logits at most, never a float head, and each int8 element converted once per pass."""
+    g = torch.Generator().manual_seed(27)
+    n, h, v, block = 255, 8, 1003, 16  # V x H = 8,024 floats: more than one block of logits (255 x 16)
+    hidden = torch.randn(n, h, generator=g, requires_grad=True)
+    q, scale = quantize_rows(torch.randn(v, h, generator=g))
+    labels = torch.randint(0, v, (n,), generator=g)
+    for fn, bounded in ((linear_cross_entropy, True), (linear_cross_entropy_ref, False)):
+        with LargestTensor() as forward:
+            loss = fn(hidden, q, labels, weight_scale=scale, softcap=5.0, chunk_size=block)
+        with LargestTensor() as backward:
+            loss.backward()
+        largest = max(forward.max_float_numel, backward.max_float_numel)
+        assert (largest <= n * block) == bounded, (fn.__name__, largest)
+        assert (largest < v * h) == bounded, (fn.__name__, largest)
+    # ours: exactly one dequantization of the whole head in each pass (the reference's is in forward only)
+    assert forward.dequantized == v * h and backward.dequantized == 0
+    with LargestTensor() as forward:
+        loss = linear_cross_entropy(hidden, q, labels, weight_scale=scale, softcap=5.0, chunk_size=block)
+    with LargestTensor() as backward:
+        loss.backward()
+    assert forward.dequantized == v * h and backward.dequantized == v * h
+
+
+def test_default_block_rows():
+    rows = _default_block_rows(262_400, 2048, 2048)  # Gemma 3n E2B: 17 equal blocks, not 16 and a sliver
+    assert rows == 15_436 and rows * (2048 + 2048) * 4 <= DEFAULT_CHUNK_BYTES
+    assert _default_block_rows(262_144, 10, 2048) == 29_128  # few tokens: the dequantized block sets the size
+    assert _default_block_rows(1003, 255, 67) == 1003
+    assert _default_block_rows(10, 10**12, 8) == 1
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda q, s: (q, s.clone().requires_grad_()), "frozen"),
+        (lambda q, s: (q.float(), s), "int8"),
+        (lambda q, s: (q, s[:-1]), "weight_scale"),
+        (lambda q, s: (q, None), "weight_scale"),
+    ],
+)
+def test_int8_bad_arguments(change, message):
+    hidden, q, scale, labels = make_int8_inputs(n=4)
+    weight, weight_scale = change(q, scale)
+    for fn in (linear_cross_entropy, linear_cross_entropy_ref):
+        with pytest.raises(ValueError, match=message):
+            fn(hidden, weight, labels, weight_scale=weight_scale)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_hidden_with_int8_table_on_cpu():
+    """The table may stay on the CPU (as Int8Embedding allows): blocks travel as int8 to hidden's device."""
+    hidden, q, scale, labels = make_int8_inputs(seed=28)
+    kw = dict(softcap=5.0, chunk_size=100)
+    ours = run_int8(linear_cross_entropy, hidden.cuda(), q, scale, labels.cuda(), torch.float32, **kw)
+    cpu = run_int8(linear_cross_entropy, hidden, q, scale, labels, torch.float32, **kw)
+    for o, c in zip(ours, cpu, strict=True):
+        torch.testing.assert_close(o.cpu(), c, rtol=1e-4, atol=1e-4)
