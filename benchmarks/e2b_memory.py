@@ -30,16 +30,20 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from gemma_lowmem.memory import (
+    EMBEDDINGS,
     INT8_SKIP_MODULES,
     GiB,
     _status_kib,
@@ -87,21 +91,23 @@ def random_int8_linear(linear: nn.Module, threshold: float, generator: torch.Gen
     return module
 
 
-def build_random_int8(model_config, dtype: torch.dtype, *, threshold: float = 6.0, int8_embeddings: bool = True,
-                      seed: int = 0) -> nn.Module:
+def build_random_int8(model_config, dtype: torch.dtype, *, threshold: float = 6.0, embeddings: str = "int8",
+                      table_file: str | None = None, seed: int = 0) -> nn.Module:
     """The causal LM of ``model_config`` with random weights, materialized module by module in their final form.
 
     The model is first built on the meta device (no memory). Decoder ``nn.Linear`` layers become int8
-    ``Linear8bitLt`` (except ``INT8_SKIP_MODULES``), Gemma 3n's per-layer table ``Int8Embedding.random``; the
-    remaining parameters (tied embedding, norms, AltUp coefficients) are allocated in ``dtype`` and initialised
-    by the model's own ``_init_weights``; rotary embeddings are rebuilt on the CPU (their buffers are computed).
+    ``Linear8bitLt`` (except ``INT8_SKIP_MODULES``); with ``embeddings`` "int8" or "disk" the tied embedding and
+    Gemma 3n's per-layer table are ``Int8Embedding.random`` (the head reads the embedding's rows:
+    ``model.Int8TiedHead``), and with "disk" the per-layer table is written to ``table_file`` and memory-mapped;
+    the remaining parameters (norms, AltUp coefficients) are allocated in ``dtype`` and initialised by the
+    model's own ``_init_weights``; rotary embeddings are rebuilt on the CPU (their buffers are computed).
 
     Returns:
         The model on the CPU, every parameter frozen.
     """
     from transformers import AutoModelForCausalLM
 
-    from gemma_lowmem.model import use_int8_kernels
+    from gemma_lowmem.model import Int8TiedHead, use_int8_kernels
     from kernels import Int8Embedding
 
     generator = torch.Generator().manual_seed(seed)
@@ -109,11 +115,20 @@ def build_random_int8(model_config, dtype: torch.dtype, *, threshold: float = 6.
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     decoder = model.get_decoder()
     table = getattr(decoder, "embed_tokens_per_layer", None)
-    if int8_embeddings and isinstance(table, nn.Embedding):
+    if embeddings != "float" and isinstance(table, nn.Embedding):
         decoder.embed_tokens_per_layer = Int8Embedding.random(
             table.num_embeddings, table.embedding_dim, std=0.02, generator=generator, padding_idx=table.padding_idx,
             embed_scale=getattr(table, "scalar_embed_scale", None), dtype=dtype,
+            table_file=table_file if embeddings == "disk" else None,
         )
+    embedding = model.get_input_embeddings()
+    if embeddings != "float" and model.get_output_embeddings().weight is embedding.weight:
+        tied = Int8Embedding.random(
+            embedding.num_embeddings, embedding.embedding_dim, std=0.02, generator=generator,
+            padding_idx=embedding.padding_idx, embed_scale=getattr(embedding, "scalar_embed_scale", None), dtype=dtype,
+        )
+        model.set_input_embeddings(tied)
+        model.set_output_embeddings(Int8TiedHead(tied))
     for name, module in list(decoder.named_modules()):
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in INT8_SKIP_MODULES:
             decoder.set_submodule(name, random_int8_linear(module, threshold, generator, dtype))
@@ -190,7 +205,7 @@ def predict(args: argparse.Namespace, model_config=None) -> dict:
         act_bytes=torch.finfo(act_dtype).bits // 8, lora_r=lora.r, lora_targets=lora.target_modules,
         batch_size=args.batch_size, seq_len=args.tokens // args.batch_size,
         gradient_checkpointing=not args.no_checkpointing, loss_chunk_size=args.loss_chunk, device_type="cpu",
-        packed=not args.no_packing,
+        packed=not args.no_packing, embeddings=args.embeddings,
     )
     return {
         "predicted_peak_gib": round(sum(breakdown.values()) / GiB, 3),
@@ -219,17 +234,22 @@ def measure(args: argparse.Namespace) -> dict:
 
     device = torch.device("cpu")
     dtype = weight_dtype(device, args.dtype)
-    record: dict = {"config": args.load or args.config, "set": args.set, "runtime_gib": rss_gib(),
-                    "malloc_tuned": not args.keep_malloc_default}
+    scratch = Path(tempfile.mkdtemp(prefix="e2b_memory-"))  # the memory-mapped table of --embeddings disk
+    atexit.register(shutil.rmtree, scratch, True)
+    record: dict = {"config": args.load or args.config, "embeddings": args.embeddings, "set": args.set,
+                    "runtime_gib": rss_gib(), "malloc_tuned": not args.keep_malloc_default}
     t0 = time.perf_counter()
     if args.load:
         path = resolve_model_path(args.load)
         model_config = load_model_config(path)
-        base = load_base_model(ModelConfig(model=path, quant="int8", dtype=args.dtype), device)
+        base = load_base_model(ModelConfig(model=path, quant="int8", dtype=args.dtype,
+                                           int8_embeddings=args.embeddings != "float",
+                                           embeddings_on_disk=args.embeddings == "disk"), device)
     else:
         source = resolve_model_path(args.config) if args.config in BUNDLED else args.config
         model_config = override_config(load_model_config(source), args.set)
-        base = build_random_int8(model_config, dtype, seed=args.seed)
+        base = build_random_int8(model_config, dtype, embeddings=args.embeddings, seed=args.seed,
+                                 table_file=str(scratch / "per-layer.int8"))
     record["build_s"] = round(time.perf_counter() - t0, 1)
     record["after_weights_gib"] = rss_gib()
     lora = LoraConfig()
@@ -308,6 +328,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="frozen non-int8 weights: auto, bf16, fp32")
     parser.add_argument("--precision", default="auto", help="autocast: auto, bf16, fp32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--embeddings", default="int8", choices=EMBEDDINGS,
+                        help="big tables: float, int8 rows, or int8 with the per-layer table memory-mapped (disk)")
     parser.add_argument("--keep-malloc-default", action="store_true",
                         help="skip gemma_lowmem.memory.return_freed_memory_to_os (glibc keeps freed blocks)")
     parser.add_argument("--calibrate", action="store_true", help="run the calibration grid, one process each")

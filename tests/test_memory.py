@@ -67,7 +67,7 @@ def test_describe_model_counts_weights_and_lora_by_hand():
                  "up_proj": (h, i), "down_proj": (i, h)}
     int8 = 2 * sum(n_in * n_out + 4 * n_out for n_in, n_out in per_layer.values())  # 1 byte + fp32 row scale
     assert shape.weight_bytes["quantized linears"] == int8
-    assert shape.weight_bytes["embedding and head"] == 1000 * 64 * 2  # tied: counted once
+    assert shape.weight_bytes["embedding and head"] == 1000 * (64 + 4)  # tied, int8 rows: counted once
     assert shape.lora_params == 2 * 4 * ((h + q) + (i + h))
     assert estimate_weight_bytes(cfg, "none", 4) == 4 * sum(p.numel() for p in _meta_model(cfg).parameters())
 
