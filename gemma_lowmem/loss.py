@@ -50,18 +50,24 @@ def token_losses(
 ) -> torch.Tensor:
     """Per-token next-token losses (B, T-1), zero where the label is ignored.
 
-    With ``chunked`` the LM head and cross-entropy run in chunks over the answer tokens only (``kernels``);
+    With ``chunked`` the LM head and cross-entropy run in chunks over the answer tokens only (``kernels``;
+    ``chunk_size`` tokens per chunk, or for an int8 head vocabulary blocks holding as many logits);
     without it the model's full logits are built (the usual recipe; for models whose head is not a plain linear).
     """
     labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is the target of position t
     if chunked:
         parts = lm_parts(model)
+        weight_scale = getattr(parts.head, "weight_scale", None)  # an int8 tied head (model.Int8TiedHead)
+        if weight_scale is not None and chunk_size is not None:
+            # The int8 head is walked in vocabulary blocks: one with the logits of a chunk_size-token chunk.
+            labelled = int((labels != IGNORE_INDEX).sum())  # host sync (the loss makes the same one)
+            chunk_size = max(1, chunk_size * weight_scale.shape[0] // max(labelled, 1))
         hidden = parts.decoder(**model_inputs(batch), use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
         return linear_cross_entropy(
             hidden,
             parts.head.weight,
             labels,
-            weight_scale=getattr(parts.head, "weight_scale", None),  # an int8 tied head (model.Int8TiedHead)
+            weight_scale=weight_scale,
             ignore_index=IGNORE_INDEX,
             softcap=parts.softcap,
             chunk_size=chunk_size,
