@@ -1,8 +1,10 @@
 """Load a causal LM (hub id, local folder, GGUF file or the bundled Gemma 3 270M), quantize it, add LoRA.
 
-Frozen weights that are not quantized (embeddings, norms) stay in bf16 (fp16 on GPUs without bf16): PEFT's
-``prepare_model_for_kbit_training`` would upcast them all to fp32, which doubles the 262k-row embedding and makes
-the int8 matmuls take fp32 inputs (2.6x slower on CPU).
+Decoder linears are bitsandbytes int8 (or nf4) multiplied through ``kernels.int8_linear``; the big embedding
+tables (the tied embedding/LM head, Gemma 3n's per-layer table) are row-wise int8 (``kernels.Int8Embedding``);
+the other frozen weights (norms, small AltUp maps) stay in bf16 where it is native, fp16 on GPUs without bf16 and
+fp32 on CPUs without it. PEFT's ``prepare_model_for_kbit_training`` would upcast them all to fp32, which doubles
+the float weights and makes every matmul take fp32 inputs.
 """
 
 from __future__ import annotations
