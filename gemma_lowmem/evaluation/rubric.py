@@ -1,15 +1,20 @@
-"""Write and read the four-criterion rubric answer (coverage 40, accuracy 30, conciseness 20, grammar 10).
+"""Write and read rubric answers: a total, one score per criterion, overall feedback and suggestions.
+
+A :class:`RubricSpec` is one rubric as data: its criteria (maximum and Korean and English labels), the title and
+headings of the answer and more words models use for its labels. :data:`SUMMARY_RUBRIC` is task 1's (coverage 40,
+accuracy 30, conciseness 20, grammar 10); a task with another rubric defines its own spec and passes it.
 
 :func:`render_rubric` writes the exact training format (Korean or English). :func:`parse_rubric` reads that format
 and what models write instead: bold or plain labels, ``점``/``points`` units, full-width digits, decimals, missing or
-parenthesised maximums, numbered lists, Markdown tables, JSON (also fenced or cut off), chatter around the answer,
-synonyms of the labels and criteria in any order. It never raises.
+parenthesised maximums, ``N out of M``, ``30점 만점에 24점``, a score on the line after its label, numbered lists,
+Markdown tables, JSON (also fenced or cut off), chatter around the answer, synonyms of the labels and criteria in any
+order. It never raises.
 
 Decisions the parser makes (and the tests pin):
 
 - The first evaluation counts: a second one starts where a field already read (a criterion, the total, a section
   header) appears again, and everything from there on is ignored.
-- ``valid`` needs the total written in the text. A missing total is computed from the four scores
+- ``valid`` needs the total written in the text. A missing total is computed from the criteria's scores
   (``total_computed=True``) so callers may still use it, but the answer is not valid.
 - Numbers are kept as written, even out of range (``45/40``, ``-3``, ``1e9``); they make the result invalid.
   ``N/M`` with ``M`` other than the criterion's maximum keeps ``N`` and makes the result invalid.
@@ -23,49 +28,175 @@ import json
 import math
 import numbers
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-CRITERIA: MappingProxyType[str, tuple[int, str, str]] = MappingProxyType(
-    {
+_HEADING_NAMES = ("title", "total", "details", "feedback", "suggestions")
+
+# The headings under a rubric answer's title, as :func:`render_rubric` writes them.
+SECTION_HEADINGS: Mapping[str, Mapping[str, str]] = MappingProxyType({
+    "ko": MappingProxyType({"total": "총점", "details": "세부 평가", "feedback": "전체 피드백",
+                            "suggestions": "개선 제안"}),
+    "en": MappingProxyType({"total": "Total score", "details": "Detailed evaluation", "feedback": "Overall feedback",
+                            "suggestions": "Suggestions for improvement"}),
+})
+
+# Words for the total and the sections that every rubric shares; a spec adds its criteria and title words.
+# The longest match over all fields wins, so "내용 정확성" is accuracy and "문법 및 표현" is one label, not "문법".
+_SHARED_LABELS: dict[str, tuple[str, ...]] = {
+    "total": (r"총\s*점\s*수?", r"총합(?:\s*점수)?", r"합계(?:\s*점수)?", r"(?:최종|전체|종합)\s*점수",
+              r"점수\s*(?:합계|총합)", r"(?:total|overall|final)(?:\s+score)?", r"sum"),
+    "title": (r"평가\s*결과", r"evaluation\s+results?"),
+    "details": (r"세부\s*(?:평가|점수)(?:\s*(?:항목|내용|결과))?", r"항목별\s*(?:평가|점수)",
+                r"detailed\s+(?:evaluation|scores?|breakdown|assessment)", r"(?:score|scoring)\s+breakdown",
+                r"breakdown"),
+    "feedback": (r"(?:전체|종합|총괄)\s*(?:피드백|평가|의견)", r"총평", r"피드백",
+                 r"(?:overall|general)\s+(?:feedback|comments?|assessment)", r"feedback", r"comments?"),
+    "suggestions": (r"개선\s*(?:제안|사항|방안|점|할\s*점)(?:\s*사항)?", r"개선을\s*위한\s*제안", r"제안\s*(?:사항)?",
+                    r"(?:suggestions?|recommendations?)(?:\s+for\s+improvement)?", r"improvement\s+suggestions?",
+                    r"areas?\s+for\s+improvement", r"how\s+to\s+improve", r"improvements?"),
+}
+
+
+def _written(label: str) -> str:
+    """A label as written in the answer, as a pattern: its spaces may be missing or doubled; a final colon drops."""
+    return r"\s*".join(re.escape(word) for word in label.rstrip(":：").split())
+
+
+@dataclass(frozen=True)
+class RubricSpec:
+    """One rubric as data: its criteria, the title and headings of its answer and the words read as each label.
+
+    Attributes:
+        criteria: criterion key -> (maximum, Korean label, English label), in the order the answer lists them.
+        titles: language (``"ko"``, ``"en"``) -> the answer's first line; the languages the rubric is written in.
+        aliases: criterion key or ``"title"`` -> more regular expressions read as that label. The labels and
+            titles the spec writes are always read, and the total and sections have words shared by every rubric.
+        max_total: the total's maximum; the criteria's maxima add up to it.
+        headings: language -> ``{"total", "details", "feedback", "suggestions"}`` -> the heading written, for every
+            language of ``titles``.
+        labels: built from the fields above: field name (criterion key, ``"total"``, heading name) -> the compiled
+            pattern that reads its label at the start of a line.
+    """
+
+    criteria: Mapping[str, tuple[int, str, str]]
+    titles: Mapping[str, str]
+    aliases: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    max_total: int = 100
+    headings: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: SECTION_HEADINGS)
+    # Criteria first: the longest label wins and a tie goes to the field listed first.
+    labels: Mapping[str, re.Pattern[str]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.criteria:
+            raise ValueError("RubricSpec.criteria is empty; give at least one criterion")
+        for key, value in self.criteria.items():
+            if key in _HEADING_NAMES:
+                raise ValueError(f"RubricSpec.criteria key {key!r} is a heading name; rename the criterion")
+            ok = isinstance(value, tuple) and len(value) == 3 and type(value[0]) is int and value[0] > 0
+            if not ok or not all(isinstance(label, str) and label.strip() for label in value[1:]):
+                raise ValueError(f"RubricSpec.criteria[{key!r}] = {value!r}; write (maximum > 0, Korean label, "
+                                 "English label)")
+        maxima = sum(value[0] for value in self.criteria.values())
+        if maxima != self.max_total:
+            raise ValueError(f"RubricSpec.criteria maxima add up to {maxima}, not max_total={self.max_total}; "
+                             "fix the maxima or max_total")
+        if not self.titles or not set(self.titles) <= {"ko", "en"}:
+            raise ValueError(f"RubricSpec.titles has languages {sorted(self.titles)}; use 'ko' and/or 'en'")
+        for lang in self.titles:
+            names = self.headings.get(lang, {})
+            if set(names) != set(_HEADING_NAMES[1:]):
+                raise ValueError(f"RubricSpec.headings[{lang!r}] has keys {sorted(names)}; it needs exactly "
+                                 f"{list(_HEADING_NAMES[1:])}")
+        unknown = set(self.aliases) - {*self.criteria, "title"}
+        if unknown:
+            raise ValueError(f"RubricSpec.aliases has unknown keys {sorted(unknown)}; use criterion keys or 'title'")
+        for name, alts in self.aliases.items():
+            if isinstance(alts, str) or not all(isinstance(alt, str) and alt for alt in alts):
+                raise ValueError(f"RubricSpec.aliases[{name!r}] = {alts!r}; give a tuple of non-empty patterns")
+        alternatives: dict[str, list[str]] = {
+            key: [*self.aliases.get(key, ()), _written(ko), _written(en)] for key, (_, ko, en) in self.criteria.items()
+        }
+        for name, shared in _SHARED_LABELS.items():
+            alternatives[name] = [*shared, *self.aliases.get(name, ())]
+        alternatives["title"] += [_written(title) for title in self.titles.values()]
+        labels = {}
+        for name, alts in alternatives.items():
+            # A label ends where a letter or digit cannot continue it; Korean score labels may carry a particle.
+            particle = r"(?:은|는|이|가)?" if name in self.score_fields else ""
+            try:
+                labels[name] = re.compile(rf"(?:{'|'.join(alts)}){particle}(?![^\W_])", re.IGNORECASE)
+            except re.error as err:
+                raise ValueError(f"RubricSpec.aliases[{name!r}] is not a valid regular expression ({err})") from err
+        object.__setattr__(self, "criteria", MappingProxyType(dict(self.criteria)))
+        object.__setattr__(self, "titles", MappingProxyType(dict(self.titles)))
+        object.__setattr__(self, "headings", MappingProxyType({k: MappingProxyType(dict(v))
+                                                               for k, v in self.headings.items()}))
+        object.__setattr__(self, "aliases", MappingProxyType({k: tuple(v) for k, v in self.aliases.items()}))
+        object.__setattr__(self, "labels", MappingProxyType(labels))
+
+    @property
+    def score_fields(self) -> tuple[str, ...]:
+        """The fields that hold a number: the criterion keys, then ``"total"``."""
+        return (*self.criteria, "total")
+
+
+SUMMARY_RUBRIC = RubricSpec(
+    criteria={
         "coverage": (40, "핵심 내용 포함도", "Content coverage"),
         "accuracy": (30, "정확성", "Accuracy"),
         "conciseness": (20, "간결성", "Conciseness"),
         "grammar": (10, "문법 및 표현", "Grammar and expression"),
-    }
+    },
+    titles={"ko": "요약 평가 결과:", "en": "Summary evaluation:"},
+    aliases={
+        "coverage": (
+            r"핵심\s*내용\s*(?:의\s*)?포함\s*(?:도|정도|여부)?", r"핵심\s*내용", r"내용\s*포함\s*도?", r"포함도",
+            r"내용\s*(?:충실도|완전성|완결성)", r"완전성",
+            r"(?:content|key\s+content|main\s+(?:ideas?|points?)|key\s+(?:points?|information|ideas?))"
+            r"(?:\s+coverage)?",
+            r"coverage", r"completeness",
+        ),
+        "accuracy": (r"(?:사실\s*|내용\s*)?정확\s*(?:성|도)", r"(?:factual\s+)?accuracy", r"correctness",
+                     r"faithfulness", r"factuality"),
+        "conciseness": (r"간결\s*(?:성|함|도)?", r"conciseness", r"concision", r"brevity", r"succinctness"),
+        "grammar": (
+            r"문법\s*(?:및|과|와|/|·|&|,|그리고)?\s*표현\s*력?", r"문법\s*성?", r"표현\s*력?",
+            r"grammar\s*(?:and|&|/|,)?\s*(?:expression|style|language|usage|fluency|mechanics)", r"grammar",
+            r"expression", r"language(?:\s+(?:use|quality))?", r"fluency", r"writing\s+quality",
+        ),
+        "title": (r"요약\s*평가(?:\s*결과)?", r"summary\s+evaluation(?:\s+results?)?"),
+    },
 )
-"""Criterion key -> (maximum, Korean label, English label), in the order the answer lists them."""
+"""Task 1's summary rubric (100 points)."""
 
-MAX_TOTAL = 100
+CRITERIA = SUMMARY_RUBRIC.criteria
+"""The summary rubric's criterion key -> (maximum, Korean label, English label), in the order the answer lists them."""
 
-_HEADINGS = {
-    "ko": {"title": "요약 평가 결과:", "total": "총점", "details": "세부 평가", "feedback": "전체 피드백",
-           "suggestions": "개선 제안"},
-    "en": {"title": "Summary evaluation:", "total": "Total score", "details": "Detailed evaluation",
-           "feedback": "Overall feedback", "suggestions": "Suggestions for improvement"},
-}
+MAX_TOTAL = SUMMARY_RUBRIC.max_total
 
 
 @dataclass
 class RubricResult:
-    """What :func:`parse_rubric` read from one answer.
+    """What :func:`parse_rubric` read from one answer; ``scores`` and ``comments`` have the spec's criterion keys.
 
     Attributes:
-        total: the total as written, or computed from the four scores when missing (see ``total_computed``).
+        total: the total as written, or computed from the criteria's scores when missing (see ``total_computed``).
         scores: criterion key -> score as written (``None`` when missing).
         comments: criterion key -> the comment written after the score on its line (``None`` when absent).
         feedback: the overall feedback text.
         suggestions: the improvement suggestions text (bullets kept as written).
-        valid: all four scores present and within [0, max] out of the right maximum, and the total written, within
-            [0, 100] and within 1 point of the scores' sum.
-        total_computed: the total was missing and was computed from the four scores.
+        valid: every criterion's score present and within [0, max] out of the right maximum, and the total
+            written, within [0, max_total] and within 1 point of the scores' sum.
+        total_computed: the total was missing and was computed from the criteria's scores.
         problems: what was missing or inconsistent, in English.
     """
 
     total: float | None = None
-    scores: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(CRITERIA))
-    comments: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(CRITERIA))
+    scores: dict[str, float | None] = field(default_factory=dict)
+    comments: dict[str, str | None] = field(default_factory=dict)
     feedback: str | None = None
     suggestions: str | None = None
     valid: bool = False
@@ -73,31 +204,41 @@ class RubricResult:
     problems: list[str] = field(default_factory=list)
 
 
+def _empty_result(spec: RubricSpec, problems: list[str] | None = None) -> RubricResult:
+    return RubricResult(scores=dict.fromkeys(spec.criteria), comments=dict.fromkeys(spec.criteria),
+                        problems=problems or [])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Rendering
 
 
-def _check_score(key: str, value: Any) -> int:
-    maximum = CRITERIA[key][0]
+def _check_score(key: str, value: Any, maximum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer():
         raise ValueError(f"scores[{key!r}] must be a whole number, got {value!r}")
     if not 0 <= value <= maximum:
-        raise ValueError(f"scores[{key!r}] = {value} is outside [0, {maximum}]")
+        raise ValueError(f"scores[{key!r}] = {value} is not within [0, {maximum}]")
     return int(value)
 
 
 def render_rubric(
-    scores: dict[str, int], feedback: str, suggestions: str, comments: dict[str, str], lang: str = "ko"
+    scores: dict[str, int],
+    feedback: str,
+    suggestions: str,
+    comments: dict[str, str],
+    lang: str = "ko",
+    spec: RubricSpec = SUMMARY_RUBRIC,
 ) -> str:
     """Write a rubric answer in the training format; the total is the sum of the scores.
 
     Args:
-        scores: criterion key -> whole-number score within [0, max], for all four criteria of :data:`CRITERIA`.
+        scores: criterion key -> whole-number score within [0, max], for every criterion of ``spec``.
         feedback: the overall feedback paragraph.
         suggestions: the suggestions, written as given (usually ``- `` bullets, one per line).
         comments: criterion key -> one-sentence comment written after the score; a missing or empty one leaves
             the line without `` - comment``; line breaks become spaces.
-        lang: ``"ko"`` or ``"en"`` labels and headings.
+        lang: ``"ko"`` or ``"en"`` labels and headings (one of ``spec.titles``).
+        spec: the rubric.
 
     Returns:
         The answer text, without a trailing newline.
@@ -105,17 +246,17 @@ def render_rubric(
     Raises:
         ValueError: a criterion is missing or unknown, or a score is not a whole number within its range.
     """
-    if lang not in _HEADINGS:
-        raise ValueError(f"lang must be 'ko' or 'en', got {lang!r}")
-    if set(scores) != set(CRITERIA):
-        raise ValueError(f"scores must have exactly the keys {list(CRITERIA)}, got {sorted(scores)}")
-    unknown = set(comments) - set(CRITERIA)
-    if unknown:
-        raise ValueError(f"comments has unknown keys {sorted(unknown)}; expected some of {list(CRITERIA)}")
-    values = {key: _check_score(key, scores[key]) for key in CRITERIA}
-    h = _HEADINGS[lang]
-    lines = [h["title"], "", f"**{h['total']}: {sum(values.values())}/{MAX_TOTAL}**", "", f"**{h['details']}:**"]
-    for key, (maximum, label_ko, label_en) in CRITERIA.items():
+    if lang not in spec.titles:
+        raise ValueError(f"lang must be one of {list(spec.titles)}, got {lang!r}")
+    keys = list(spec.criteria)
+    if set(scores) != set(keys) or not set(comments) <= set(keys):
+        raise ValueError(f"scores must have exactly the keys {keys} (comments some of them), got {sorted(scores)} "
+                         f"and {sorted(comments)}")
+    values = {key: _check_score(key, scores[key], spec.criteria[key][0]) for key in keys}
+    h = spec.headings[lang]
+    total = f"**{h['total']}: {sum(values.values())}/{spec.max_total}**"
+    lines = [spec.titles[lang], "", total, "", f"**{h['details']}:**"]
+    for key, (maximum, label_ko, label_en) in spec.criteria.items():
         comment = " ".join((comments.get(key) or "").split())
         line = f"- {label_ko if lang == 'ko' else label_en}: {values[key]}/{maximum}"
         lines.append(f"{line} - {comment}" if comment else line)
@@ -124,53 +265,10 @@ def render_rubric(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Parsing: labels
-
-# Alternatives per field; the longest match over all fields wins, so "내용 정확성" is accuracy and "문법 및 표현"
-# is one label, not "문법".
-_LABELS: dict[str, list[str]] = {
-    "coverage": [
-        r"핵심\s*내용\s*(?:의\s*)?포함\s*(?:도|정도|여부)?", r"핵심\s*내용", r"내용\s*포함\s*도?", r"포함도",
-        r"내용\s*(?:충실도|완전성|완결성)", r"완전성",
-        r"(?:content|key\s+content|main\s+(?:ideas?|points?)|key\s+(?:points?|information|ideas?))(?:\s+coverage)?",
-        r"coverage", r"completeness",
-    ],
-    "accuracy": [r"(?:사실\s*|내용\s*)?정확\s*(?:성|도)", r"(?:factual\s+)?accuracy", r"correctness", r"faithfulness",
-                 r"factuality"],
-    "conciseness": [r"간결\s*(?:성|함|도)?", r"conciseness", r"concision", r"brevity", r"succinctness"],
-    "grammar": [
-        r"문법\s*(?:및|과|와|/|·|&|,|그리고)?\s*표현\s*력?", r"문법\s*성?", r"표현\s*력?",
-        r"grammar\s*(?:and|&|/|,)?\s*(?:expression|style|language|usage|fluency|mechanics)", r"grammar",
-        r"expression", r"language(?:\s+(?:use|quality))?", r"fluency", r"writing\s+quality",
-    ],
-    "total": [r"총\s*점\s*수?", r"총합(?:\s*점수)?", r"합계(?:\s*점수)?", r"(?:최종|전체|종합)\s*점수",
-              r"점수\s*(?:합계|총합)", r"(?:total|overall|final)(?:\s+score)?", r"sum"],
-    "title": [r"요약\s*평가(?:\s*결과)?", r"평가\s*결과", r"summary\s+evaluation(?:\s+results?)?",
-              r"evaluation\s+results?"],
-    "details": [r"세부\s*(?:평가|점수)(?:\s*(?:항목|내용|결과))?", r"항목별\s*(?:평가|점수)",
-                r"detailed\s+(?:evaluation|scores?|breakdown|assessment)", r"(?:score|scoring)\s+breakdown",
-                r"breakdown"],
-    "feedback": [r"(?:전체|종합|총괄)\s*(?:피드백|평가|의견)", r"총평", r"피드백",
-                 r"(?:overall|general)\s+(?:feedback|comments?|assessment)", r"feedback", r"comments?"],
-    "suggestions": [r"개선\s*(?:제안|사항|방안|점|할\s*점)(?:\s*사항)?", r"개선을\s*위한\s*제안", r"제안\s*(?:사항)?",
-                    r"(?:suggestions?|recommendations?)(?:\s+for\s+improvement)?", r"improvement\s+suggestions?",
-                    r"areas?\s+for\s+improvement", r"how\s+to\s+improve", r"improvements?"],
-}
-_SCORE_FIELDS = (*CRITERIA, "total")
-# A label ends where a letter or digit cannot continue it; Korean score labels may carry a subject particle.
-_LABEL_RE = {
-    name: re.compile(
-        rf"(?:{'|'.join(alts)})" + (r"(?:은|는|이|가)?" if name in _SCORE_FIELDS else "") + r"(?![^\W_])",
-        re.IGNORECASE,
-    )
-    for name, alts in _LABELS.items()
-}
+# Parsing: numbers
 
 # Full-width digits and punctuation, and the Unicode minus, to ASCII; one character to one, so offsets hold.
 FULLWIDTH = str.maketrans("０１２３４５６７８９／：．－（）｜＝−", "0123456789/:.-()|=-")
-
-# ---------------------------------------------------------------------------------------------------------------
-# Parsing: numbers
 
 _NUM = r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
 _UNIT = r"\s*(?:점|(?:points?|pts?|pt)(?![a-z]))\.?"
@@ -192,8 +290,9 @@ _SLASH_RE = re.compile(rf"(?P<n>{_NUM})(?:{_UNIT})?\s*/\s*(?P<m>{_NUM})(?:{_UNIT
 _PAREN_RE = re.compile(r"\s*[(\[]([^()\[\]]*)[)\]]")
 _SEP_RE = re.compile(r"(?:[\s\"'“”‘’:=|{]|[-–—](?=\s)|->|→|\b(?:is|was)\b)*", re.IGNORECASE)
 _EXPLICIT_SEP_RE = re.compile(r"[:=|\-–—→]|\b(?:is|was)\b", re.IGNORECASE)
-# Label words that also start ordinary sentences; they need an explicit separator before a number.
-_WEAK_LABELS = {"overall", "total", "final", "sum", "content", "expression", "language", "fluency"}
+# Label words (of any rubric) that also start ordinary sentences; they need an explicit separator before a number.
+_WEAK_LABELS = {"overall", "total", "final", "sum", "content", "expression", "language", "fluency", "style",
+                "structure", "support", "reasoning", "coherence"}
 _SCORE_WORD_RE = re.compile(r"[\"']?(?:score|점수|득점|value)[\"']?\s*[:=]?\s*", re.IGNORECASE)
 _COMMENT_LEAD = " \t-–—:|,.;)]}\"'"  # separators between a score and its comment
 _COMMENT_TAIL = " \t|,\"'"  # table pipes, JSON commas and quotes; a sentence keeps its full stop
@@ -234,16 +333,21 @@ def strip_markdown(line: str) -> str:
         line = line[m.end():].lstrip()
 
 
-def _match_label(text: str, fields: tuple[str, ...] | None = None) -> tuple[str, int] | None:
-    """The longest label at the start of ``text``: (field, end offset)."""
+def _match_label(text: str, spec: RubricSpec, fields: tuple[str, ...] | None = None) -> tuple[str, int] | None:
+    """The longest label of ``spec`` at the start of ``text``: (field, end offset)."""
     best: tuple[str, int] | None = None
-    for name, regex in _LABEL_RE.items():
+    for name, regex in spec.labels.items():
         if fields is not None and name not in fields:
             continue
         m = regex.match(text)
         if m and (best is None or m.end() > best[1]):
             best = (name, m.end())
     return best
+
+
+def _maximum(spec: RubricSpec, name: str) -> int:
+    """The maximum of a score field: a criterion's, or the total's."""
+    return spec.max_total if name == "total" else spec.criteria[name][0]
 
 
 def _comment(text: str) -> str | None:
@@ -263,8 +367,11 @@ def score_at(rest: str) -> tuple[float, float | None, int] | None:
     return None
 
 
-def _parse_after_label(line_no: int, name: str, rest_norm: str, rest_raw: str, weak: bool = False) -> list[_Event]:
-    """Read what follows a score field's label on its line; a ``weak`` label needs a separator before its number."""
+def _parse_after_label(
+    line_no: int, name: str, maximum: float, rest_norm: str, rest_raw: str, weak: bool = False
+) -> list[_Event]:
+    """Read what follows a score field's label on its line (``maximum``: the field's); a ``weak`` label needs a
+    separator before its number."""
     paren_score: tuple[float, float] | None = None
     paren_max: float | None = None
     paren_keyword = False
@@ -300,7 +407,6 @@ def _parse_after_label(line_no: int, name: str, rest_norm: str, rest_raw: str, w
     events = []
     if not rest_norm[pos:].strip():
         events.append(_Event(line_no, name, "label", written_max=paren_max))  # the score may be on the next line
-    maximum = MAX_TOTAL if name == "total" else CRITERIA[name][0]
     if paren_max is not None and not paren_keyword:
         # "핵심 내용 포함도 (40점)": a rubric echo when it equals the maximum, else the score itself.
         kind = "weak" if paren_max == maximum else "score"
@@ -313,7 +419,7 @@ def _table_cells(line: str) -> list[str]:
 
 
 def _parse_table_row(
-    line_no: int, raw_cells: list[str], roles: dict[str, int], columns: dict[int, str]
+    line_no: int, raw_cells: list[str], roles: dict[str, int], columns: dict[int, str], spec: RubricSpec
 ) -> list[_Event]:
     """Read one Markdown table row; ``roles`` and ``columns`` come from the header row."""
     cells = [strip_markdown(c) for c in raw_cells]
@@ -324,7 +430,7 @@ def _parse_table_row(
             if i < len(norm) and (found := score_at(norm[i])):
                 events.append(_Event(line_no, name, "score", found[0], found[1]))
         return events
-    label = _match_label(norm[0], _SCORE_FIELDS) if norm else None
+    label = _match_label(norm[0], spec, spec.score_fields) if norm else None
     if label is None:
         return []
     name, end = label
@@ -342,7 +448,7 @@ def _parse_table_row(
             comment = _comment(cells[roles["comment"]])
         return [_Event(line_no, name, "score", value, written, comment)]
     # No header: the label cell, then the score cell ("24", "24/30"), an optional maximum cell, then a comment.
-    events = _parse_after_label(line_no, name, norm[0][end:], cells[0][end:])
+    events = _parse_after_label(line_no, name, _maximum(spec, name), norm[0][end:], cells[0][end:])
     if any(e.kind == "score" for e in events):
         return events
     for i in range(1, len(norm)):
@@ -359,7 +465,7 @@ def _parse_table_row(
     return events
 
 
-def _table_header(cells: list[str]) -> tuple[dict[str, int], dict[int, str]] | None:
+def _table_header(cells: list[str], spec: RubricSpec) -> tuple[dict[str, int], dict[int, str]] | None:
     """Column roles (score / max / comment -> index) or criterion columns (index -> field) of a header row.
 
     Returns None when the row is not a header: it holds a digit, or it is a criterion row without numbers.
@@ -368,7 +474,7 @@ def _table_header(cells: list[str]) -> tuple[dict[str, int], dict[int, str]] | N
         return None
     columns = {}
     for j, c in enumerate(cells):
-        label = _match_label(c, _SCORE_FIELDS)
+        label = _match_label(c, spec, spec.score_fields)
         if label and not c[label[1]:].strip(" :"):
             columns[j] = label[0]
     if len(columns) >= 2:  # transposed: one column per criterion
@@ -379,12 +485,12 @@ def _table_header(cells: list[str]) -> tuple[dict[str, int], dict[int, str]] | N
             if role not in roles and regex.search(c):
                 roles[role] = j
                 break
-    if roles or not _match_label(cells[0]):
+    if roles or not _match_label(cells[0], spec):
         return roles, {}
     return None
 
 
-def _scan_lines(raw_lines: list[str]) -> list[_Event]:
+def _scan_lines(raw_lines: list[str], spec: RubricSpec) -> list[_Event]:
     """Turn lines into events, in order."""
     events: list[_Event] = []
     pending: str | None = None  # a score label whose number may come on a later line
@@ -398,11 +504,11 @@ def _scan_lines(raw_lines: list[str]) -> list[_Event]:
             cells = _table_cells(stripped)
             if all(_TABLE_SEP_CELL_RE.fullmatch(c) for c in cells):
                 continue
-            header = _table_header([strip_markdown(c).translate(FULLWIDTH) for c in cells])
+            header = _table_header([strip_markdown(c).translate(FULLWIDTH) for c in cells], spec)
             if header is not None:
                 table_roles, table_columns = header
                 continue
-            row = _parse_table_row(i, cells, table_roles, table_columns)
+            row = _parse_table_row(i, cells, table_roles, table_columns, spec)
             if row:
                 events += row
                 pending = None
@@ -411,12 +517,12 @@ def _scan_lines(raw_lines: list[str]) -> list[_Event]:
             table_roles, table_columns = {}, {}
         cleaned = strip_markdown(raw)
         norm = cleaned.translate(FULLWIDTH)
-        label = _match_label(norm)
+        label = _match_label(norm, spec)
         if label is not None:
             name, end = label
-            if name in _SCORE_FIELDS:
+            if name in spec.score_fields:
                 weak = norm[:end].strip().lower() in _WEAK_LABELS
-                found = _parse_after_label(i, name, norm[end:], cleaned[end:], weak)
+                found = _parse_after_label(i, name, _maximum(spec, name), norm[end:], cleaned[end:], weak)
                 if found:
                     events += found
                     pending = name if any(e.kind == "label" for e in found) else None
@@ -465,11 +571,12 @@ def _first_block(events: list[_Event], n_lines: int) -> tuple[dict[str, _Event],
 
 
 def _back_over_intro(raw_lines: list[str], end: int) -> int:
-    """Move a block end up over the line that introduces the next evaluation ("수정된 평가:" after a blank line)."""
+    """Move a block end up over the line that introduces the next evaluation: "수정된 평가:" after a blank line,
+    right above the next evaluation or with blank lines between."""
     i = end - 1
     while i >= 0 and not raw_lines[i].strip():
         i -= 1
-    if i < end - 1 and raw_lines[i].replace("*", "").rstrip().endswith((":", "：")) and (
+    if i >= 0 and raw_lines[i].replace("*", "").rstrip().endswith((":", "：")) and (
         i == 0 or not raw_lines[i - 1].strip()
     ):
         return i
@@ -496,11 +603,11 @@ _COMMENT_KEYS = ("comment", "코멘트", "reason", "이유", "근거", "설명",
                  "평가", "note")
 
 
-def _json_key(key: Any) -> str | None:
+def _json_key(key: Any, spec: RubricSpec) -> str | None:
     if not isinstance(key, str):
         return None
     text = key.replace("_", " ").strip().translate(FULLWIDTH)
-    label = _match_label(text)
+    label = _match_label(text, spec)
     if label is None:
         return None
     name, end = label
@@ -554,25 +661,25 @@ def _json_score(name: str, value: Any) -> _Event | None:
     return None if number is None else _Event(0, name, "score", number[0], number[1])
 
 
-def _walk_json(obj: Any, found: dict[str, Any], depth: int = 0) -> None:
+def _walk_json(obj: Any, found: dict[str, Any], spec: RubricSpec, depth: int = 0) -> None:
     """Collect scores and texts from a parsed JSON answer; the first occurrence of each field wins."""
     if depth > 8:
         return
     if isinstance(obj, list):
         for item in obj:
-            _walk_json(item, found, depth + 1)
+            _walk_json(item, found, spec, depth + 1)
         return
     if not isinstance(obj, dict):
         return
     name_value = _pick(obj, _NAME_KEYS)
-    record = _json_key(name_value) if isinstance(name_value, str) else None
-    if record in _SCORE_FIELDS and record not in found:  # {"criterion": "정확성", "score": 24, ...}
+    record = _json_key(name_value, spec) if isinstance(name_value, str) else None
+    if record in spec.score_fields and record not in found:  # {"criterion": "정확성", "score": 24, ...}
         if (ev := _json_score(record, obj)) is not None:
             found[record] = ev
             return
     for key, value in obj.items():
-        name = _json_key(key)
-        if name in _SCORE_FIELDS:
+        name = _json_key(key, spec)
+        if name in spec.score_fields:
             if name not in found and (ev := _json_score(name, value)) is not None:
                 found[name] = ev
                 continue
@@ -581,7 +688,7 @@ def _walk_json(obj: Any, found: dict[str, Any], depth: int = 0) -> None:
                 found[name] = text
                 continue
         if isinstance(value, (dict, list)):
-            _walk_json(value, found, depth + 1)
+            _walk_json(value, found, spec, depth + 1)
 
 
 def _close_json(text: str) -> str:
@@ -610,7 +717,7 @@ def _close_json(text: str) -> str:
     return text + "".join(reversed(stack))
 
 
-def _parse_json(text: str) -> tuple[int, dict[str, Any]] | None:
+def _parse_json(text: str, spec: RubricSpec) -> tuple[int, dict[str, Any]] | None:
     """The first JSON value in ``text`` that holds a score (fenced or not, complete or cut off): (offset, fields).
 
     Only the first 20 ``{``/``[`` are tried, so chatter such as "[24/30]" or "{coverage}" before the JSON is skipped
@@ -629,8 +736,8 @@ def _parse_json(text: str) -> tuple[int, dict[str, Any]] | None:
             except (ValueError, RecursionError):
                 continue
         found: dict[str, Any] = {}
-        _walk_json(obj, found)
-        if any(name in found for name in _SCORE_FIELDS):
+        _walk_json(obj, found, spec)
+        if any(name in found for name in spec.score_fields):
             return start, found
     return None
 
@@ -639,10 +746,12 @@ def _parse_json(text: str) -> tuple[int, dict[str, Any]] | None:
 # Parsing: checks
 
 
-def _finish(result: RubricResult, total_max: float | None, written_max: dict[str, float | None]) -> RubricResult:
+def _finish(
+    result: RubricResult, total_max: float | None, written_max: dict[str, float | None], spec: RubricSpec
+) -> RubricResult:
     """Fill ``valid``, ``total_computed`` and ``problems`` from the numbers read."""
     numeric: list[str] = []
-    for key, (maximum, _, _) in CRITERIA.items():
+    for key, (maximum, _, _) in spec.criteria.items():
         value = result.scores[key]
         if value is None:
             numeric.append(f"missing score for {key}")
@@ -652,19 +761,20 @@ def _finish(result: RubricResult, total_max: float | None, written_max: dict[str
         if not 0 <= value <= maximum:  # also catches NaN
             numeric.append(f"{key} score {value:g} is outside [0, {maximum}]")
     present = [v for v in result.scores.values() if v is not None]
-    all_present = len(present) == len(CRITERIA) and all(math.isfinite(v) for v in present)
+    all_present = len(present) == len(spec.criteria) and all(math.isfinite(v) for v in present)
+    max_total = spec.max_total
     if result.total is None:
         if all_present:
             result.total = float(sum(present))
             result.total_computed = True
-            numeric.append(f"missing total; computed {result.total:g} from the four scores")
+            numeric.append(f"missing total; computed {result.total:g} from the {len(present)} scores")
         else:
             numeric.append("missing total")
     else:
-        if total_max is not None and total_max != MAX_TOTAL:
-            numeric.append(f"total written out of {total_max:g}; the maximum is {MAX_TOTAL}")
-        if not 0 <= result.total <= MAX_TOTAL:
-            numeric.append(f"total {result.total:g} is outside [0, {MAX_TOTAL}]")
+        if total_max is not None and total_max != max_total:
+            numeric.append(f"total written out of {total_max:g}; the maximum is {max_total}")
+        if not 0 <= result.total <= max_total:
+            numeric.append(f"total {result.total:g} is outside [0, {max_total}]")
         if all_present and not abs(result.total - sum(present)) <= 1:
             numeric.append(f"total {result.total:g} differs from the sum of the scores {sum(present):g}")
     result.valid = not numeric
@@ -676,28 +786,28 @@ def _finish(result: RubricResult, total_max: float | None, written_max: dict[str
     return result
 
 
-def _parse(text: str) -> RubricResult:
+def _parse(text: str, spec: RubricSpec) -> RubricResult:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     raw_lines = text.split("\n")
-    events = _scan_lines(raw_lines)
+    events = _scan_lines(raw_lines, spec)
     line_starts = [0]
     for ln in raw_lines[:-1]:
         line_starts.append(line_starts[-1] + len(ln) + 1)
     first_score_offset = min((line_starts[e.line] for e in events if e.kind == "score"), default=len(text) + 1)
-    parsed_json = _parse_json(text)
-    result = RubricResult()
-    written_max: dict[str, float | None] = dict.fromkeys(CRITERIA)
+    parsed_json = _parse_json(text, spec)
+    result = _empty_result(spec)
+    written_max: dict[str, float | None] = dict.fromkeys(spec.criteria)
     total_max = None
     if parsed_json is not None and parsed_json[0] <= first_score_offset:
         found = parsed_json[1]
-        scored = {name: ev for name, ev in found.items() if name in _SCORE_FIELDS}
+        scored = {name: ev for name, ev in found.items() if name in spec.score_fields}
         result.feedback = found.get("feedback")
         result.suggestions = found.get("suggestions")
     else:
         chosen, end = _first_block(events, len(raw_lines))
         if end < len(raw_lines):
             end = _back_over_intro(raw_lines, end)
-        scored = {name: ev for name, ev in chosen.items() if name in _SCORE_FIELDS}
+        scored = {name: ev for name, ev in chosen.items() if name in spec.score_fields}
         for name in ("feedback", "suggestions"):
             if name in chosen:
                 setattr(result, name, _section(events, chosen[name], raw_lines, end))
@@ -706,21 +816,23 @@ def _parse(text: str) -> RubricResult:
             result.total, total_max = ev.value, ev.written_max
         else:
             result.scores[name], written_max[name], result.comments[name] = ev.value, ev.written_max, ev.comment
-    return _finish(result, total_max, written_max)
+    return _finish(result, total_max, written_max, spec)
 
 
-def parse_rubric(text: str) -> RubricResult:
+def parse_rubric(text: str, spec: RubricSpec = SUMMARY_RUBRIC) -> RubricResult:
     """Read a rubric answer; never raises.
 
     Args:
         text: the model's answer (any value: a non-string gives an invalid result).
+        spec: the rubric the answer follows; it names the criteria, their maxima and the words read as labels.
 
     Returns:
-        The scores, total, texts, validity and problems; see :class:`RubricResult` and the module docstring.
+        The scores (keyed by ``spec``'s criteria), total, texts, validity and problems; see :class:`RubricResult`
+        and the module docstring.
     """
     if not isinstance(text, str):
-        return RubricResult(problems=[f"input is not a string (got {type(text).__name__})"])
+        return _empty_result(spec, [f"input is not a string (got {type(text).__name__})"])
     try:
-        return _parse(text)
+        return _parse(text, spec)
     except Exception as err:  # the contract is "never raises"; tests assert this branch is never taken
-        return RubricResult(problems=[f"internal parser error: {type(err).__name__}: {err}"])
+        return _empty_result(spec, [f"internal parser error: {type(err).__name__}: {err}"])

@@ -38,14 +38,9 @@ from typing import Any
 from gemma_lowmem.config import DataConfig
 from gemma_lowmem.data.conversation import Conversation, Message
 from gemma_lowmem.evaluation.metrics import agreement, quadratic_weighted_kappa
+from gemma_lowmem.evaluation.rubric import parse_rubric, render_rubric
 from gemma_lowmem.tasks.essay_feedback import essay_features, split_total, write_feedback
-from gemma_lowmem.tasks.essay_rubric import (
-    CRITERIA_HELP,
-    ESSAY_CRITERIA,
-    MAX_TOTAL,
-    parse_essay_rubric,
-    render_essay_rubric,
-)
+from gemma_lowmem.tasks.essay_rubric import CRITERIA_HELP, ESSAY_CRITERIA, ESSAY_RUBRIC, MAX_TOTAL
 from gemma_lowmem.tasks.sources import BadRow, HubSet, LoadedRows, Row, load_rows
 
 log = logging.getLogger(__name__)
@@ -280,7 +275,7 @@ def target_answer(record: Row, lang: str) -> tuple[str, dict[str, int]]:
     total = to_rubric(record["score"], record["score_min"], record["score_max"])
     scores = split_total(total, record.get("strengths"))
     feedback, suggestions, comments = write_feedback(essay_features(record["essay"]), scores, lang)
-    return render_essay_rubric(scores, feedback, suggestions, comments, lang), {**scores, "total": total}
+    return render_rubric(scores, feedback, suggestions, comments, lang, ESSAY_RUBRIC), {**scores, "total": total}
 
 
 def build_conversation(record: Row, lang: str) -> Conversation:
@@ -352,7 +347,7 @@ def score_outputs(conversations: list[Conversation], outputs: list[str]) -> dict
     """
     if len(conversations) != len(outputs):
         raise ValueError(f"{len(conversations)} conversations but {len(outputs)} outputs; they must pair up")
-    parsed = [parse_essay_rubric(o) for o in outputs]
+    parsed = [parse_rubric(o, ESSAY_RUBRIC) for o in outputs]
     pred_total = [p.total if p.total is not None and math.isfinite(p.total) else None for p in parsed]
     rows = []
     for conv, p, total, out in zip(conversations, parsed, pred_total, outputs):

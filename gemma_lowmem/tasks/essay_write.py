@@ -35,8 +35,9 @@ from typing import Any
 from gemma_lowmem.config import DataConfig
 from gemma_lowmem.data.conversation import Conversation, Message
 from gemma_lowmem.evaluation.rouge import rouge_pair
+from gemma_lowmem.evaluation.rubric import parse_rubric
 from gemma_lowmem.tasks.essay_feedback import essay_features
-from gemma_lowmem.tasks.essay_rubric import parse_essay_rubric
+from gemma_lowmem.tasks.essay_rubric import ESSAY_RUBRIC
 from gemma_lowmem.tasks.sources import BadRow, HubSet, LoadedRows, Row, load_rows
 from gemma_lowmem.tasks.student_summaries import content_tokens, cut_at_sentence_end, split_sentences
 from gemma_lowmem.tasks.summary_eval import DEMO_FILE
@@ -360,7 +361,7 @@ def score_outputs(conversations: list[Conversation], outputs: list[str],
                **{f"has_{k}": bool(f["markers"][k]) for k in ("claim", "evidence", "counter", "conclusion")},
                "output": out}
         if scorer_outputs is not None:
-            parsed = parse_essay_rubric(scorer_outputs[i])
+            parsed = parse_rubric(scorer_outputs[i], ESSAY_RUBRIC)
             row.update(scorer_total=parsed.total, scorer_valid=parsed.valid)
         rows.append(row)
     keys = ("words", "sentences", "paragraphs", "rouge1_recall", "rouge1_precision", "grounded_sentences",

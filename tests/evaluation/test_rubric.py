@@ -7,6 +7,7 @@ import random
 import pytest
 
 from gemma_lowmem.evaluation import CRITERIA, MAX_TOTAL, RubricResult, parse_rubric, render_rubric
+from gemma_lowmem.evaluation.rubric import SECTION_HEADINGS, SUMMARY_RUBRIC, RubricSpec
 
 KEYS = list(CRITERIA)
 MAXES = {k: v[0] for k, v in CRITERIA.items()}
@@ -535,3 +536,88 @@ def test_every_prefix_of_an_answer(lang: str) -> None:
 def test_long_input() -> None:
     text = ("잡담 " * 20000) + "\n" + CANON + "\n" + ("| x " * 5000) + "\n" + ("{" * 3000)
     check(parse_rubric(text), S, 78, True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Other rubrics: a spec is data; the same renderer and parser serve it.
+
+TINY = RubricSpec(
+    criteria={"ideas": (50, "아이디어", "Ideas"), "order": (30, "글의 순서", "Order of ideas"),
+              "spelling": (20, "맞춤법", "Spelling")},
+    titles={"ko": "글 평가:", "en": "Writing review:"},
+    aliases={"order": (r"sequence",)},
+)
+TINY_MAXES = {k: v[0] for k, v in TINY.criteria.items()}
+
+
+@pytest.mark.parametrize("lang", ["ko", "en"])
+@pytest.mark.parametrize("seed", range(5))
+def test_other_spec_round_trip(lang: str, seed: int) -> None:
+    rng = random.Random(seed)
+    scores = {k: rng.choice([0, m, rng.randint(0, m)]) for k, m in TINY_MAXES.items()}
+    comments = {"ideas": "Clear.", "spelling": "Two typos."} if seed % 2 else {}
+    text = render_rubric(scores, "Good.", "- Check spelling.", comments, lang, TINY)
+    assert text.startswith("글 평가:" if lang == "ko" else "Writing review:")
+    result = parse_rubric(text, TINY)
+    assert result.valid and result.problems == [] and result.total == sum(scores.values())
+    assert result.scores == scores and result.comments == {k: comments.get(k) for k in TINY_MAXES}
+    assert (result.feedback, result.suggestions) == ("Good.", "- Check spelling.")
+
+
+def test_other_spec_reads_its_labels_in_every_form() -> None:
+    expected = {"ideas": 40.0, "order": 20.0, "spelling": 15.0}
+    for text in [
+        "아이디어: 40/50\n글의순서: 20/30\n맞춤법: 15/20\n총점: 75/100",  # a written label with a space missing
+        "| 항목 | 점수 |\n|---|---|\n| **아이디어** | 40 |\n| 글의 순서 | 20 |\n| 맞춤법 | 15 |\n| 총점 | 75 |",
+        '```json\n{"ideas": 40, "sequence": "20/30", "spelling_score": 15, "total": 75}\n```',
+        "1. **Ideas**: 50점 만점에 40점\n2. **Sequence**: 20 out of 30\n3. **Spelling**:\n15/20\n**Total**: 75",
+    ]:
+        result = parse_rubric(text, TINY)
+        assert result.scores == expected and result.total == 75 and result.valid, (text, result.problems)
+    bad = parse_rubric("Ideas: 40/40\nOrder: 20/30\nSpelling: 15/20\nTotal: 75", TINY)
+    assert not bad.valid and "ideas written out of 40; its maximum is 50" in bad.problems
+    # The summary rubric's labels mean nothing here, and the other way round.
+    assert parse_rubric(CANON, TINY).scores == dict.fromkeys(TINY_MAXES)
+    assert parse_rubric("Ideas: 40/50\nOrder: 20/30\nSpelling: 15/20\nTotal: 75").scores == NONE
+
+
+def test_non_string_input_has_the_spec_keys() -> None:
+    result = parse_rubric(None, TINY)  # type: ignore[arg-type]
+    assert list(result.scores) == list(result.comments) == list(TINY_MAXES) and not result.valid
+
+
+def test_intro_right_above_a_second_evaluation_is_not_kept() -> None:
+    second = CANON.replace("32/40", "20/40").replace("78/", "66/")
+    for between in ("\n\n다시 평가하면:\n", "\n\n다시 평가하면:\n\n"):
+        result = parse_rubric(CANON + between + second)
+        check(result, S, 78, True)
+        assert result.suggestions == "- 더 짧게."
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"criteria": {}}, "criteria is empty"),
+    ({"criteria": {"total": (100, "총점", "Total")}}, "heading name"),
+    ({"criteria": {"a": (60, "가", "A"), "b": (30, "나", "B")}}, "add up to 90, not max_total=100"),
+    ({"criteria": {"a": (100.0, "가", "A")}}, r"criteria\['a'\]"),
+    ({"criteria": {"a": (100, "", "A")}}, r"criteria\['a'\]"),
+    ({"titles": {"fr": "Évaluation :"}}, "use 'ko' and/or 'en'"),
+    ({"headings": {"en": {"total": "T"}}}, r"headings\['en'\] has keys"),
+    ({"titles": {"ko": "평가:", "en": "Review:"}, "headings": {"en": SECTION_HEADINGS["en"]}},
+     r"headings\['ko'\] has keys"),
+    ({"aliases": {"style": ("x",)}}, "unknown keys"),
+    ({"aliases": {"a": ("(",)}}, "not a valid regular expression"),
+    ({"aliases": {"a": "alpha"}}, "tuple of non-empty patterns"),
+    ({"criteria": {"a": (True, "가", "A")}, "max_total": 1}, r"criteria\['a'\]"),
+])
+def test_spec_rejects_bad_fields(change: dict, match: str) -> None:
+    fields = {"criteria": {"a": (100, "가", "A")}, "titles": {"en": "Review:"}} | change
+    with pytest.raises(ValueError, match=match):
+        RubricSpec(**fields)
+
+
+def test_spec_is_read_only() -> None:
+    with pytest.raises(TypeError):
+        SUMMARY_RUBRIC.criteria["style"] = (10, "문체", "Style")  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        SUMMARY_RUBRIC.max_total = 90  # type: ignore[misc]
+    assert CRITERIA is SUMMARY_RUBRIC.criteria and MAX_TOTAL == SUMMARY_RUBRIC.max_total

@@ -13,6 +13,7 @@ import pytest
 
 from gemma_lowmem.config import DataConfig, LoraConfig, TrainConfig
 from gemma_lowmem.errors import UserError
+from gemma_lowmem.evaluation.rubric import parse_rubric, render_rubric
 from gemma_lowmem.tasks import essay, essay_write, sources
 from gemma_lowmem.tasks.essay import (
     ASAP_SCALES,
@@ -27,7 +28,7 @@ from gemma_lowmem.tasks.essay import (
     trait_strengths,
 )
 from gemma_lowmem.tasks.essay_feedback import essay_features, split_total, write_feedback
-from gemma_lowmem.tasks.essay_rubric import ESSAY_CRITERIA, parse_essay_rubric, render_essay_rubric
+from gemma_lowmem.tasks.essay_rubric import ESSAY_CRITERIA, ESSAY_RUBRIC
 from gemma_lowmem.tasks.sources import BadRow
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -71,20 +72,23 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def _answer(scores: dict[str, int], lang: str = "en") -> str:
-    return render_essay_rubric(scores, "Fine.", "- Keep going.", {k: "ok" for k in KEYS}, lang)
+    return render_rubric(scores, "Fine.", "- Keep going.", {k: "ok" for k in KEYS}, lang, ESSAY_RUBRIC)
 
 
 # ------------------------------------------------------------------------------------------------ rubric format
 
 SCORES = {"claim": 20, "evidence": 18, "counter": 8, "organization": 15, "expression": 12}  # total 73
+ESSAY_JSON = {"claim": 20, "evidence": 18, "counter": 8, "organization": 15, "expression": 12, "total": 73,
+              "feedback": "Fine.", "suggestions": ["Add data."]}
 
 
 @pytest.mark.parametrize("lang", ["ko", "en"])
 def test_render_and_parse_round_trip(lang):
-    text = render_essay_rubric(SCORES, "첫 줄.\n둘째 줄.", "- 하나\n- 둘", {k: f"{k} 코멘트" for k in KEYS}, lang)
+    text = render_rubric(SCORES, "첫 줄.\n둘째 줄.", "- 하나\n- 둘", {k: f"{k} 코멘트" for k in KEYS}, lang,
+                         ESSAY_RUBRIC)
     assert text.startswith("에세이 평가 결과:" if lang == "ko" else "Essay evaluation:")
     assert "**총점: 73/100**" in text if lang == "ko" else "**Total score: 73/100**" in text
-    parsed = parse_essay_rubric(text)
+    parsed = parse_rubric(text, ESSAY_RUBRIC)
     assert parsed.valid and parsed.problems == [] and parsed.total == 73
     assert parsed.scores == SCORES and parsed.comments == {k: f"{k} 코멘트" for k in KEYS}
     assert parsed.feedback == "첫 줄.\n둘째 줄." and parsed.suggestions == "- 하나\n- 둘"
@@ -99,7 +103,7 @@ def test_render_and_parse_round_trip(lang):
 ])
 def test_render_rejects_bad_input(scores, comments, match):
     with pytest.raises(ValueError, match=match):
-        render_essay_rubric(scores, "f", "s", comments)
+        render_rubric(scores, "f", "s", comments, spec=ESSAY_RUBRIC)
 
 
 @pytest.mark.parametrize("text", [
@@ -129,20 +133,48 @@ def test_render_rejects_bad_input(scores, comments, match):
     # decimals written as whole numbers, points unit
     "Claim clarity: 20.0 points\nEvidence: 18 pts\nCounterarguments: 8 points\nCoherence: 15 points\n"
     "Language use: 12 points\nFinal score: 73 points",
+    # tables: score and maximum columns, no header, transposed, bold cells
+    "| Criterion | Score | Max | Comment |\n|---|---|---|---|\n| Clarity of claim | 20 | 25 | Clear |\n"
+    "| Evidence and reasoning | 18 | 25 | Good |\n| Counter-arguments | 8 | 15 | Thin |\n| Organisation | 15 | 20 | |\n"
+    "| Expression | 12 | 15 | |\n| Total | 73 | 100 | |",
+    "| 주장의 명확성 | 20/25 | 분명함 |\n| 근거의 타당성 | 18/25 | 좋음 |\n| 반론 고려 | 8/15 | 약함 |\n"
+    "| 구성 | 15/20 | 보통 |\n| 표현 | 12/15 | 좋음 |\n| 총점 | 73/100 | |",
+    "| 주장의 명확성 | 근거의 타당성 | 반론 고려 | 구성 | 표현 | 총점 |\n|:-:|:-:|:-:|:-:|:-:|:-:|\n"
+    "| 20 | 18/25 | 8점 | 15 | 12 | 73 |",
+    "| 평가 항목 | 점수 |\n|---|---|\n| **주장** | **20** |\n| **근거** | **18** |\n| **반론** | **8** |\n"
+    "| **구성** | **15** |\n| **표현** | **12** |\n| **총점** | **73** |",
+    # JSON: flat, fenced with chatter, nested with maxima, records with Korean names, string numbers
+    json.dumps(ESSAY_JSON),
+    "평가 결과입니다.\n\n```json\n" + json.dumps(ESSAY_JSON, indent=2) + "\n```\n감사합니다.",
+    json.dumps({"scores": {k: {"score": v, "max": m, "comment": "ok"} for (k, (m, _, _)), v
+                           in zip(ESSAY_CRITERIA.items(), SCORES.values())}, "total_score": 73}),
+    json.dumps({"평가": [{"항목": ko, "점수": SCORES[k]} for k, (_, ko, _) in ESSAY_CRITERIA.items()],
+                "총점": 73}, ensure_ascii=False),
+    '{"claim": "20/25", "evidence": "18점", "counter": "８", "organization": 15, "expression": 12, '
+    '"total": "73/100"}',
+    # bold labels, colon inside the bold, headings, circled numbers
+    "**주장의 명확성:** 20/25\n**근거의 타당성:** 18/25\n**반론 고려:** 8/15\n**구성:** 15/20\n**표현:** 12/15\n"
+    "**총점:** 73/100",
+    "## Total score: 73/100\n### Clarity of claim: 20/25\n### Evidence and reasoning: 18/25\n"
+    "### Counter-arguments: 8/15\n### Organisation: 15/20\n### Expression: 12/15",
+    "① 주장: 20/25\n② 근거: 18/25\n③ 반론: 8/15\n④ 구성: 15/20\n⑤ 표현: 12/15\n총점은 73점입니다.",
+    # a score inside parentheses after the label, or after the comment
+    "- 주장의 명확성 (20/25): 분명하다.\n- 근거의 타당성 [18/25]: 좋다.\n- 반론 고려: 반론이 약함 (8/15)\n"
+    "- 구성 (15/20)\n- 표현 (12/15)\n- 총점 (73/100)",
 ])
 def test_parse_variants_read_the_same_numbers(text):
-    parsed = parse_essay_rubric(text)
+    parsed = parse_rubric(text, ESSAY_RUBRIC)
     assert parsed.scores == SCORES, (parsed.scores, parsed.problems)
     assert parsed.total == 73 and parsed.valid, parsed.problems
 
 
 def test_parse_keeps_first_evaluation_and_sections():
     text = _answer(SCORES) + "\n\nRevised evaluation:\n" + _answer({k: 0 for k in KEYS})
-    parsed = parse_essay_rubric(text)
+    parsed = parse_rubric(text, ESSAY_RUBRIC)
     assert parsed.total == 73 and parsed.scores == SCORES and parsed.valid
     assert parsed.feedback == "Fine." and parsed.suggestions == "- Keep going."
-    inline = parse_essay_rubric("Claim: 20/25\nEvidence: 18/25\nCounter: 8/15\nStructure: 15/20\nStyle: 12/15\n"
-                                "Total: 73/100\nFeedback: Clear and well argued.\nSuggestions: Add data.")
+    inline = parse_rubric("Claim: 20/25\nEvidence: 18/25\nCounter: 8/15\nStructure: 15/20\nStyle: 12/15\n"
+                          "Total: 73/100\nFeedback: Clear and well argued.\nSuggestions: Add data.", ESSAY_RUBRIC)
     assert inline.feedback == "Clear and well argued." and inline.suggestions == "Add data."
 
 
@@ -156,25 +188,61 @@ def test_parse_keeps_first_evaluation_and_sections():
     ("Claim: -2\nEvidence: 18\nCounter: 8\nStructure: 15\nExpression: 12\nTotal: 51", "outside [0, 25]"),
 ])
 def test_parse_flags_invalid_answers(text, problem):
-    parsed = parse_essay_rubric(text)
+    parsed = parse_rubric(text, ESSAY_RUBRIC)
     assert not parsed.valid and any(problem in p for p in parsed.problems), parsed.problems
 
 
 def test_missing_total_is_computed_but_invalid():
-    parsed = parse_essay_rubric("Claim: 20\nEvidence: 18\nCounter: 8\nStructure: 15\nExpression: 12")
+    parsed = parse_rubric("Claim: 20\nEvidence: 18\nCounter: 8\nStructure: 15\nExpression: 12", ESSAY_RUBRIC)
     assert parsed.total == 73 and parsed.total_computed and not parsed.valid
 
 
 @pytest.mark.parametrize("text", ["", "I cannot grade this.", "주장이 분명합니다. 표현이 좋습니다.", None, 42,
                                   '{"claim": 20, "total": 73}', "Total: \n\n", "|||\n|---|", "Claim: NaN"])
 def test_parse_never_raises_on_garbage(text):
-    parsed = parse_essay_rubric(text)
+    parsed = parse_rubric(text, ESSAY_RUBRIC)
     assert not parsed.valid and parsed.problems and not any("internal" in p for p in parsed.problems)
 
 
 def test_prose_starting_with_a_label_is_not_a_score():
-    parsed = parse_essay_rubric(_answer(SCORES).replace("Fine.", "Expression is clear in 3 places."))
+    parsed = parse_rubric(_answer(SCORES).replace("Fine.", "Expression is clear in 3 places."), ESSAY_RUBRIC)
     assert parsed.scores["expression"] == 12 and parsed.feedback == "Expression is clear in 3 places."
+
+
+@pytest.mark.parametrize("lang", ["ko", "en"])
+@pytest.mark.parametrize("seed", range(10))
+def test_render_and_parse_round_trip_random_scores(lang, seed):
+    rng = random.Random(seed)
+    maxes = {k: m for k, (m, _, _) in ESSAY_CRITERIA.items()}
+    scores = {k: rng.choice([0, m, rng.randint(0, m)]) for k, m in maxes.items()}  # extremes look like maxima
+    comments = {k: f"{k} 코멘트" for k in KEYS if rng.random() < 0.7}
+    parsed = parse_rubric(render_rubric(scores, "피드백.", "- 제안.", comments, lang, ESSAY_RUBRIC), ESSAY_RUBRIC)
+    assert parsed.valid and parsed.problems == [] and parsed.total == sum(scores.values())
+    assert parsed.scores == scores and parsed.comments == {k: comments.get(k) for k in KEYS}
+    assert (parsed.feedback, parsed.suggestions) == ("피드백.", "- 제안.")
+
+
+def test_essay_rubric_checks_and_first_evaluation():
+    nested = json.dumps({"claim": {"score": 20, "max": 20}} | {k: v for k, v in ESSAY_JSON.items() if k != "claim"})
+    assert "claim written out of 20; its maximum is 25" in parse_rubric(nested, ESSAY_RUBRIC).problems
+    later_json = _answer(SCORES) + "\n\n```json\n" + json.dumps(ESSAY_JSON | {"claim": 1, "total": 54}) + "\n```"
+    parsed = parse_rubric(later_json, ESSAY_RUBRIC)
+    assert parsed.scores == SCORES and parsed.total == 73 and parsed.valid
+    table = ("| 항목 | 점수 |\n|---|---|\n| 주장 | 20 |\n| 근거 | 18 |\n| 반론 | 8 |\n| 구성 | 15 |\n| 표현 | 12 |\n"
+             "| 총점 | 73 |\n\n| 항목 | 점수 |\n|---|---|\n| 주장 | 5 |")
+    assert parse_rubric(table, ESSAY_RUBRIC).scores == SCORES
+
+
+def test_each_spec_reads_only_its_own_labels():
+    essay_answer = _answer(SCORES)
+    summary_answer = render_rubric({"coverage": 32, "accuracy": 24, "conciseness": 14, "grammar": 8}, "Fine.",
+                                   "- Shorter.", {}, "en")
+    as_essay = parse_rubric(summary_answer, ESSAY_RUBRIC)  # "Grammar and expression" is read as expression
+    assert as_essay.scores == dict.fromkeys(KEYS) | {"expression": 8} and not as_essay.valid
+    as_summary = parse_rubric(essay_answer)  # and "Expression" as grammar
+    assert as_summary.scores == {"coverage": None, "accuracy": None, "conciseness": None, "grammar": 12}
+    assert not as_summary.valid
+    assert parse_rubric(summary_answer).valid and parse_rubric(essay_answer, ESSAY_RUBRIC).valid
 
 
 # ------------------------------------------------------------------------------------------------ targets
@@ -265,7 +333,7 @@ def test_scoring_conversation_targets_parse_back(lang):
         assert [m["role"] for m in conv.messages] == ["system", "user", "assistant"]
         assert conv.cut == row["essay"] and row["essay"] in conv.messages[1]["content"]
         assert row["prompt"] in conv.messages[1]["content"]
-        parsed = parse_essay_rubric(conv.messages[-1]["content"])
+        parsed = parse_rubric(conv.messages[-1]["content"], ESSAY_RUBRIC)
         assert parsed.valid, parsed.problems
         assert parsed.scores == {k: conv.meta["scores"][k] for k in KEYS}
         assert parsed.total == conv.meta["scores"]["total"] == to_rubric(row["score"], row["score_min"],
