@@ -18,33 +18,36 @@ Gemma 3n's AltUp), MLP width I, vocabulary V and loss chunk C:
     model-level      N a x Gemma 3n's per-layer input width (L x 256), plus packed masks 2 B T^2
     checkpoints      N a L S: each layer's input
     the larger of    one layer's recompute and backward  N a (4.98 S + 15.8 I)
-                     the loss chunk  C V x 8.24 B, plus the final hidden states and their gradient 2 N H a
+                     the loss chunk  C V x 8.24 B, plus the final hidden states and their gradient 2 N H a; an int8
+                     tied head is walked in vocabulary blocks whose logits and dequantized rows share 256 MiB
     no checkpointing replaces checkpoints and recompute with  L x 0.82 x one layer's recompute
 
-The four constants (4.98, 15.8, 8.24, 0.82) were fitted, least squares on the relative error, to these peaks
-measured on this CPU (2 cores, AVX2, so fp32 weights and activations; int8 linears, LoRA r16 on the 7
-projections, packed rows, 512 labelled tokens per row, 2 optimizer steps of ``train.fit``, peak RSS of the whole
-process in a fresh subprocess each, :func:`return_freed_memory_to_os` on; ``benchmarks/e2b_memory.py --calibrate``):
+The four constants (4.98, 15.8, 8.24, 0.82) were fitted, least squares on the relative error, to peaks measured on
+this CPU (2 cores, AVX2, so fp32 weights and activations; int8 linears, LoRA r16 on the 7 projections, packed rows,
+512 labelled tokens per row, 2 optimizer steps of ``train.fit``, peak RSS of the whole process in a fresh subprocess
+each, :func:`return_freed_memory_to_os` on) while bitsandbytes still kept its matmul inputs and the head was float.
+Re-measured with ``kernels.int8_linear`` and the int8 tied head (``benchmarks/e2b_memory.py --calibrate``):
 
     model, random int8 weights unless noted        tokens   checkpointing  chunk  measured GiB  predicted GiB
-    Gemma 3n 1 layer, hidden 64 (the runtime)         64      on          -          0.489         -
-    E2B widths (H 2048, I 8192, V 4096), 2 layers     512     on          -          1.110         1.120
-      ... 4 layers                                    512     on          -          1.352         1.356
-      ... 2 layers                                   2048     on          -          2.458         2.429
-      ... 2 layers                                 2 x 1024   on          -          2.450         2.429
-      ... 2 layers                                   1024     off         -          1.779         1.783
-      ... 4 layers, int8 inputs not kept (what-if)    512     on          -          1.188         1.213
-    Gemma 3 270M config (18 layers, H 640, V 262k) 2 x 1024   on        256          2.475         2.475
-      ...                                            2048     on        256          2.471         2.475
-      ...                                          2 x 1024   on         64          2.195         2.222
-      ...                                            1024     off       256          3.799         3.788
-    Gemma 3 270M, real weights (load_base_model)   2 x 1024   on        256          2.475         2.475
+    Gemma 3n 1 layer, hidden 64 (the runtime)         64      on          -          0.489         0.490
+    E2B widths (H 2048, I 8192, V 4096), 2 layers     512     on          -          0.991         1.018
+      ... 4 layers                                    512     on          -          1.165         1.190
+      ... 2 layers                                   2048     on          -          2.040         2.096
+      ... 2 layers                                 2 x 1024   on          -          2.028         2.092
+      ... 2 layers                                   1024     off         -          1.652         1.808
+    Gemma 3 270M config (18 layers, H 640, V 262k) 2 x 1024   on          -          1.281         1.350
+      ...                                            2048     on          -          1.229         1.354
+      ...                                          2 x 1024   on         64          1.123         1.160
+      ...                                            1024     off         -          2.931         3.218
+    Gemma 3 270M, real weights (load_base_model)   2 x 1024   on          -          1.283         1.350
 
-All within 2.1%. 2 x 1024 and 1 x 2048 tokens peak alike: CPU ``sdpa`` keeps no (T, T) scores (eager attention
-would). Held out of the fit, the full Gemma 3n E2B text model (``benchmarks/e2b_memory.py --warmup-tokens 128``,
-1 x 2048 tokens, fp32): measured 13.539 GiB, predicted 13.556 (ratio 0.999); with ``--drop-int8-inputs`` (the int8
-inputs not kept) measured 9.592, predicted 9.670 (0.992). Without
-:func:`return_freed_memory_to_os` the 4-layer E2B-width run peaked at 1.910 GiB instead of 1.352.
+Ratios 0.91-1.00: the prediction errs on the safe side. 2 x 1024 and 1 x 2048 tokens peak alike: CPU ``sdpa``
+keeps no (T, T) scores (eager attention would). Loading real weights has its own transient peak, which the plan
+does not cover: 1.688 GiB for the 270M above (its fp32 tied embedding before it turns int8). Held out of the fit,
+the full Gemma 3n E2B text model (``benchmarks/e2b_memory.py --warmup-tokens 128``, 1 x 2048 tokens, fp32):
+measured 8.087 GiB, predicted 8.170 (ratio 0.990); with the per-layer table memory-mapped (``--embeddings disk``)
+6.240 GiB, predicted 6.295 (0.991). Before ``kernels.int8_linear`` and the int8 head it was 13.539 (13.556).
+Without :func:`return_freed_memory_to_os` the 4-layer E2B-width run peaked at 1.927 GiB instead of 1.165.
 Not measured here: CUDA (reserved memory, allocator slack) and bf16 activations, whose upcast temporaries make
 the per-token constants only roughly halve.
 """
@@ -241,6 +244,7 @@ class ModelShape:
         per_layer_width: Gemma 3n's per-layer inputs per token (layers x ``hidden_size_per_layer_input``), else 0.
         weight_bytes: frozen weight bytes by kind.
         lora_params: trainable LoRA parameters.
+        int8_head: the LM head is the tied int8 embedding (the loss walks vocabulary blocks, see ``_activation_bytes``).
     """
 
     num_layers: int
@@ -253,6 +257,7 @@ class ModelShape:
     per_layer_width: int
     weight_bytes: dict[str, int]
     lora_params: int
+    int8_head: bool = False
 
 
 def load_model_config(name: str) -> Any:
@@ -377,6 +382,7 @@ def describe_model(
         per_layer_width=per_layer * len(layers),
         weight_bytes={k: int(v) for k, v in weights.items()},
         lora_params=lora,
+        int8_head=embeddings != "float" and head.weight is model.get_input_embeddings().weight,
     )
 
 
@@ -426,8 +432,15 @@ def _activation_bytes(
     else:
         out["all layers' activations"] = shape.num_layers * LAYER_FULL_FACTOR * per_layer_recompute
         layer = 0.0
-    chunk = min(loss_chunk_size or default_loss_chunk(shape.vocab), int(tokens))  # no chunk beyond the tokens
-    loss = chunk * shape.vocab * LOSS_CHUNK_BYTES_PER_LOGIT + 2 * tokens * h * a  # + hidden and its gradient
+    if shape.int8_head and loss_chunk_size is None:
+        # Vocabulary blocks of the int8 head: a block's fp32 logits (tokens x rows) and its dequantized fp32 weights
+        # (rows x H) share DEFAULT_CHUNK_BYTES.
+        rows = min(DEFAULT_CHUNK_BYTES / 4 / (tokens + h), shape.vocab)  # no block beyond the vocabulary
+        logits, block_weights = tokens * rows, rows * h * 4
+    else:
+        logits = min(loss_chunk_size or default_loss_chunk(shape.vocab), int(tokens)) * shape.vocab
+        block_weights = logits * h * 4 / tokens if shape.int8_head else 0.0  # as many logits, rows of H fp32
+    loss = logits * LOSS_CHUNK_BYTES_PER_LOGIT + block_weights + 2 * tokens * h * a  # + hidden and its gradient
     # The loss's backward finishes before the last layer's recompute starts: only the larger is alive.
     out["one layer's recompute" if layer >= loss else "loss chunk"] = max(layer, loss)
     return out

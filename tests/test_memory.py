@@ -100,6 +100,7 @@ def test_shipped_e2b_config_has_the_published_size(e2b):
     assert on_disk.weight_bytes["per-layer embedding"] == 262_144 * 4  # mapped: only the scales are resident
     floats = describe_model(e2b, quant="int8", dtype_bytes=2, embeddings="float")
     assert floats.weight_bytes["embedding and head"] == 262_400 * 2048 * 2
+    assert shape.int8_head and not floats.int8_head  # the loss walks the int8 head in vocabulary blocks
 
 
 SMALL = dict(layers=4, hidden_size=256, intermediate_size=1024)
