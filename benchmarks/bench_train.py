@@ -436,7 +436,7 @@ def run_hf(settings: Settings) -> dict[str, Any]:
         path, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
         dtype=torch.bfloat16 if native_bf16 else torch.float32,
         device_map={"": device.index or 0} if device.type == "cuda" else "cpu",
-        attn_implementation=cfg.model.attn_implementation,
+        attn_implementation="sdpa",  # transformers' own (ours computes packed rows per document)
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, PeftLoraConfig(

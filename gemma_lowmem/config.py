@@ -49,7 +49,10 @@ class ModelConfig:
         "dtype of frozen non-quantized weights: auto (bf16, or fp16 on GPUs without bf16), bf16, fp16, fp32",
         choices=("auto", "bf16", "fp16", "fp32"),
     )
-    attn_implementation: str = _f("sdpa", "attention kernel: sdpa or eager (flash_attention_2 where installed)")
+    attn_implementation: str = _f(
+        "gemma_lowmem_sdpa", "attention kernel: gemma_lowmem_sdpa (sdpa, packed rows computed per document), sdpa, "
+        "eager, or flash_attention_2 where installed"
+    )
     int8_embeddings: bool = _f(
         True, "keep the big embedding tables row-wise int8: the tied embedding/LM head and Gemma 3n's per-layer table"
     )

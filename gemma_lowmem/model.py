@@ -20,6 +20,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
+import gemma_lowmem.attention  # noqa: F401  (registers the per-document attention, the default --attn-implementation)
 from gemma_lowmem.config import LoraConfig, ModelConfig
 from gemma_lowmem.device import weight_dtype
 from gemma_lowmem.errors import UserError

@@ -49,7 +49,8 @@ def collate(
         pad_id: token id written into pad slots (they carry no loss and, packed, attend only to themselves).
         packed: rows hold several documents that must not see each other.
         sliding_window: the model's ``config.sliding_window`` (packed only; None if it has no sliding layers).
-        attn_implementation: "sdpa" or "eager" (packed only: selects boolean or additive masks).
+        attn_implementation: the model's ``config._attn_implementation`` (packed only): "sdpa" or "eager" select
+            boolean or additive (T, T) masks, :data:`~gemma_lowmem.attention.PACKED_SDPA` the (B, T) document ids.
         mask_dtype: dtype of eager additive masks (the attention scores' dtype).
         pad_to_multiple_of: round T up to a multiple of this.
         pad_to_length: pad every row to exactly this T (e.g. pack_len, for fixed shapes); must fit the longest row.
@@ -57,9 +58,10 @@ def collate(
     Returns:
         ``input_ids`` (B, T) long; ``labels`` (B, T) long with -100 on pads and document starts;
         ``attention_mask``: unpacked a (B, T) long 1/0 padding mask (the model builds its causal and sliding masks),
-        packed the dict ``{"full_attention", "sliding_attention"}`` of (B, 1, T, T) masks from
-        :func:`packed_attention_masks`; ``position_ids`` (B, T) long, packed only; ``num_loss_tokens``: count of
-        ``labels[:, 1:] != -100`` and ``num_tokens``: count of non-pad tokens, both 0-dim long tensors.
+        packed the dict ``{"full_attention", "sliding_attention"}`` of (B, 1, T, T) masks (PACKED_SDPA: (B, T)
+        document ids) from :func:`packed_attention_masks`; ``position_ids`` (B, T) long, packed only;
+        ``num_loss_tokens``: count of ``labels[:, 1:] != -100`` and ``num_tokens``: count of non-pad tokens, both 0-dim
+        long tensors.
     """
     if not rows:
         raise ValueError("collate needs at least one row")

@@ -1,5 +1,5 @@
 """Collation: shapes, pads and label masking; and a packed row of documents equals the documents run one by one
-(logits, summed loss, LoRA gradients) on tiny Gemma 3 and Gemma 3n under sdpa and eager attention."""
+(logits, summed loss, LoRA gradients) on tiny Gemma 3 and Gemma 3n under sdpa, eager and per-document attention."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
+from gemma_lowmem.attention import PACKED_SDPA
 from gemma_lowmem.data.collate import IGNORE_INDEX, collate
 from tests.tiny import VOCAB, tiny_gemma3, tiny_gemma3n
 
@@ -72,6 +73,15 @@ def test_eager_masks_take_mask_dtype() -> None:
     assert batch["attention_mask"]["full_attention"].dtype == torch.bfloat16
 
 
+def test_packed_sdpa_batches_carry_document_ids() -> None:
+    a = {"input_ids": [5, 6, 7], "labels": [5, 6, 7]}
+    batch = collate([[a, a], [a]], pad_id=0, packed=True, sliding_window=2, attn_implementation=PACKED_SDPA)
+    mask = batch["attention_mask"]
+    assert set(mask) == {"full_attention", "sliding_attention"}
+    assert mask["full_attention"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 0, -1, -1, -1]]
+    assert mask["sliding_attention"] is mask["full_attention"]  # each layer applies its own window
+
+
 def test_rejects_bad_rows() -> None:
     a = {"input_ids": [5, 6], "labels": [5, 6]}
     with pytest.raises(ValueError, match="row 0 holds 2 examples"):
@@ -105,7 +115,7 @@ def forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 
 MODELS = {"gemma3": tiny_gemma3, "gemma3n": tiny_gemma3n}
-CASES = [(name, impl) for name in MODELS for impl in ("sdpa", "eager")]
+CASES = [(name, impl) for name in MODELS for impl in ("sdpa", "eager", PACKED_SDPA)]
 
 
 @pytest.mark.parametrize(("name", "implementation"), CASES)
@@ -179,6 +189,22 @@ def test_unpacked_padded_batch_equals_one_by_one(name: str, implementation: str)
     torch.testing.assert_close(loss, reference, atol=1e-4, rtol=1e-6)
     for g_batch, g_single in zip(torch.autograd.grad(loss, lora), torch.autograd.grad(reference, lora)):
         torch.testing.assert_close(g_batch, g_single, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_packed_sdpa_unpacked_and_generation_equal_sdpa(name: str) -> None:
+    """Without document ids (padded batches, generation with a cache) PACKED_SDPA is transformers' sdpa."""
+    sdpa, ours = MODELS[name](attn_implementation="sdpa"), MODELS[name](attn_implementation=PACKED_SDPA)
+    gen = torch.Generator().manual_seed(4)
+    docs = [make_doc(30, 5, gen), make_doc(6, 2, gen)]  # row 1 gets a 24-token pad tail
+    batch = collate([[d] for d in docs], pad_id=0, packed=False)
+    with torch.no_grad():
+        torch.testing.assert_close(forward(ours, batch), forward(sdpa, batch), atol=0, rtol=0)
+        prompt = torch.tensor([docs[0]["input_ids"]])
+        kwargs = dict(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        out_sdpa, out_ours = sdpa.generate(prompt, **kwargs), ours.generate(prompt, **kwargs)
+    assert torch.equal(out_ours.sequences, out_sdpa.sequences)
+    torch.testing.assert_close(torch.stack(out_ours.scores), torch.stack(out_sdpa.scores), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])

@@ -1,0 +1,114 @@
+"""Per-document packed attention against SDPA with the dense block-diagonal masks it replaces (values and all
+gradients; odd lengths, documents longer than the window, pad tails, grouped-query heads), and its registration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from gemma_lowmem.attention import (
+    PACKED_SDPA,
+    packed_sdpa,
+    packed_sdpa_attention_forward,
+    register,
+    use_packed_attention,
+)
+from gemma_lowmem.data.packing import doc_ids, packed_attention_masks
+from tests.tiny import tiny_gemma3
+
+ROWS = [[13, 1, 22, 5], [31, 7]]  # row 1 has a 7-slot pad tail at T = 45; 1-token and longer-than-window documents
+TOTAL = 45
+
+
+def dense_reference(q, k, v, rows, window, scaling=None):
+    """SDPA over the whole row with the (B, 1, T, T) boolean masks of packing.py; GQA by repeating key/value heads."""
+    masks = packed_attention_masks(rows, q.shape[2], sliding_window=window, implementation="sdpa")
+    mask = masks["sliding_attention" if window is not None else "full_attention"]
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+
+
+def qkv(heads: int, kv_heads: int, dim: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(len(ROWS), heads, TOTAL, dim), (len(ROWS), kv_heads, TOTAL, dim), (len(ROWS), kv_heads, TOTAL, dim)]
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
+
+
+@pytest.mark.parametrize("window", [None, 6, 16, 64])  # 6 and 16 cut the longer documents; 64 cuts none
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2)])
+def test_matches_dense_masks_fp32(window: int | None, heads: int, kv_heads: int) -> None:
+    q, k, v = qkv(heads, kv_heads, 24, torch.float32)
+    seg = doc_ids(ROWS, TOTAL)
+    ours = packed_sdpa(q, k, v, seg, sliding_window=window, scaling=0.3)
+    ref = dense_reference(q, k, v, ROWS, window, scaling=0.3)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    grad_out = torch.randn_like(ref)
+    ours_grads = torch.autograd.grad(ours, (q, k, v), grad_out)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    for name, g_ours, g_ref in zip("qkv", ours_grads, ref_grads):
+        assert g_ref.abs().max() > 0, name
+        torch.testing.assert_close(g_ours, g_ref, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_bf16_error_within_dense_bf16_error() -> None:
+    """In bf16 both are compared to an fp64 reference: ours may not be much worse than the dense path."""
+    q, k, v = qkv(6, 2, 16, torch.float64, seed=1)
+    truth = dense_reference(q, k, v, ROWS, 6)
+    low = [t.detach().bfloat16() for t in (q, k, v)]
+    ours = packed_sdpa(*low, doc_ids(ROWS, TOTAL), sliding_window=6).double()
+    dense = dense_reference(*low, ROWS, 6).double()
+    dense_err = (dense - truth).abs().max()
+    assert dense_err > 0
+    assert (ours - truth).abs().max() <= 2 * dense_err + 1e-3
+
+
+def test_gradcheck_fp64() -> None:
+    rows, total = [[3, 5], [4]], 9  # row 1 has a 5-slot pad tail; window 2 cuts every document but the first
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, total, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, total, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    seg = doc_ids(rows, total)
+    assert torch.autograd.gradcheck(lambda q, k, v: packed_sdpa(q, k, v, seg, sliding_window=2), (q, k, v))
+
+
+def test_pad_tail_sees_the_row_and_no_real_token_sees_pads() -> None:
+    q, k, v = (t.detach() for t in qkv(4, 4, 8, torch.float32))
+    seg = doc_ids(ROWS, TOTAL)
+    out = packed_sdpa(q, k, v, seg)
+    changed_v = v.clone()
+    changed_v[1, :, 38:] += 100.0  # the pad tail's values
+    changed = packed_sdpa(q, k, changed_v, seg)
+    torch.testing.assert_close(changed[:, :, :38], out[:, :, :38], atol=0, rtol=0)  # real tokens: unchanged
+    changed_v = v.clone()
+    changed_v[1, :, :38] += 100.0  # the real tokens' values change what every pad sees
+    assert (packed_sdpa(q, k, changed_v, seg)[1, :, 38:] - out[1, :, 38:]).abs().min() > 1.0
+
+
+def test_dispatch_packed_and_unpacked() -> None:
+    """Document ids take the per-document path ((B, T, Hq, D) out); a 4D mask or None goes to transformers' sdpa."""
+    model = tiny_gemma3()
+    layer = model.model.layers[0].self_attn  # 4 query heads over 2 key/value heads
+    q, k, v = (t.detach() for t in qkv(4, 2, 16, torch.float32))
+    seg = doc_ids(ROWS, TOTAL)
+    out, weights = packed_sdpa_attention_forward(layer, q, k, v, seg, scaling=0.25, sliding_window=8)
+    assert weights is None and out.shape == (len(ROWS), TOTAL, 4, 16)
+    torch.testing.assert_close(out, dense_reference(q, k, v, ROWS, 8, scaling=0.25).transpose(1, 2))
+    dense = packed_attention_masks(ROWS, TOTAL, sliding_window=8, implementation="sdpa")["sliding_attention"]
+    for mask in (dense, None):
+        ours, _ = packed_sdpa_attention_forward(layer, q, k, v, mask, scaling=0.25, sliding_window=8)
+        theirs, _ = sdpa_attention_forward(layer, q, k, v, mask, scaling=0.25, sliding_window=8)
+        torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+
+
+def test_register_is_idempotent_and_switches_peft_models() -> None:
+    register()
+    register()
+    model = get_peft_model(tiny_gemma3(attn_implementation="sdpa"), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert use_packed_attention(model) is model
+    assert model.get_base_model().config._attn_implementation == PACKED_SDPA
+    with pytest.raises(TypeError, match="Linear"):
+        use_packed_attention(torch.nn.Linear(2, 2))
