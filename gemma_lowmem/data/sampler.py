@@ -9,8 +9,8 @@ Modes:
 - ``bucket``: each epoch the shuffled examples are cut into buckets of ``batch_size * BUCKET_BATCHES`` examples;
   each bucket is sorted by length and cut into micro-batches, so a micro-batch holds neighbours in length (little
   padding); then all micro-batches are shuffled. Which examples share a bucket changes every epoch.
-- ``pack``: rows are the first-fit-decreasing bins of ``pack_len`` tokens (the same bins every epoch); the bins are
-  shuffled each epoch and grouped ``batch_size`` rows per micro-batch.
+- ``pack``: rows are the :func:`~gemma_lowmem.data.packing.fill_bins` bins of ``pack_len`` tokens (the same bins
+  every epoch); the bins are shuffled each epoch and grouped ``batch_size`` rows per micro-batch.
 
 Data-parallel sharding: every rank plans the same global list of micro-batches and takes every ``world_size``-th
 one (rank r takes r, r + W, ...), so all ranks get the same count. When the count does not divide by W:
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gemma_lowmem.data.packing import first_fit_decreasing
+from gemma_lowmem.data.packing import fill_bins
 
 MODES = ("random", "bucket", "pack")
 BUCKET_BATCHES = 50  # micro-batches per length bucket: enough neighbours to pad little, few enough to stay random
@@ -119,7 +119,7 @@ def plan_epoch(
             batches += _chunks([[i] for i in by_len], batch_size)
         batches = [batches[j] for j in rng.permutation(len(batches)).tolist()]
     else:
-        bins = first_fit_decreasing(lens.tolist(), pack_len)
+        bins = fill_bins(lens.tolist(), pack_len)
         rows = [bins[j] for j in rng.permutation(len(bins)).tolist()]
         batches = _chunks(rows, batch_size)
     return _shard(batches, lens, batch_size, rank, world_size, drop_last)

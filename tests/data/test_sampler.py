@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
+from gemma_lowmem.data.packing import fill_bins
 from gemma_lowmem.data.sampler import BUCKET_BATCHES, packing_efficiency, padding_fraction, plan_epoch
 
 
@@ -63,6 +65,14 @@ def test_pack_mode_rows_fit_and_are_efficient() -> None:
     assert packing_efficiency(plan, lengths, 2048) > 0.98
     assert padding_fraction(plan, lengths) < 0.05
 
+
+
+def test_pack_mode_rows_are_the_max_fill_bins() -> None:
+    """CNN/DailyMail-like conversations (600-1250 tokens) in rows of 8192: the rows are fill_bins' bins, >= 99% full."""
+    lengths = np.random.default_rng(0).integers(600, 1251, size=900).tolist()
+    plan = plan_epoch(lengths, 2, seed=0, epoch=0, mode="pack", pack_len=8192)
+    assert sorted(row for mb in plan for row in mb) == sorted(fill_bins(lengths, 8192))
+    assert packing_efficiency(plan, lengths, 8192) >= 0.99
 
 def test_padding_and_packing_measures() -> None:
     lengths = [10, 4, 6, 2]
