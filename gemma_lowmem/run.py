@@ -26,7 +26,14 @@ from gemma_lowmem.distributed import current_ranks, init_distributed
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.evaluate import evaluate_model, evaluate_systems
 from gemma_lowmem.evaluation.report import write_report
-from gemma_lowmem.memory import PLANNED, enforce_cap, load_model_config, plan_run
+from gemma_lowmem.memory import (
+    GLIBC_RETAINED_FACTOR,
+    PLANNED,
+    enforce_cap,
+    load_model_config,
+    plan_run,
+    return_freed_memory_to_os,
+)
 from gemma_lowmem.model import (
     CACHE,
     add_lora,
@@ -72,6 +79,8 @@ def plan_budget(model_path: str, cfg: RunConfig, device: torch.device, keep: Col
     print(f"memory plan for --max-mem {cfg.train.max_mem} on {device.type}"
           + (f" ({'; '.join(changed)})" if changed else "") + "\n" + plan.table())
     enforce_cap(plan.budget, device)
+    if device.type == "cpu" and plan.predicted_peak * GLIBC_RETAINED_FACTOR > plan.budget:
+        return_freed_memory_to_os()  # the budget is tight: give freed blocks back at once (slower, see memory.py)
     return planned
 
 

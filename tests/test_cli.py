@@ -151,3 +151,21 @@ def test_help_lists_every_field(capsys):
     for flag in ("--model", "--quant", "--lora-r", "--task", "--lang", "--max-mem", "--grad-accum", "--packing",
                  "--resume", "--push-to-hub", "--preset", "--config"):
         assert flag in text
+
+
+def test_freed_memory_goes_back_to_the_os_only_when_the_budget_is_tight(tiny_model_dir, monkeypatch):
+    """glibc's retained blocks cost speed to give back, so the run does it only when the plan needs the room."""
+    import torch
+
+    from gemma_lowmem import run
+    from gemma_lowmem.config import RunConfig, TrainConfig
+
+    calls = []
+    monkeypatch.setattr(run, "return_freed_memory_to_os", lambda: calls.append(True))
+    roomy = RunConfig(train=TrainConfig(max_mem="64GB"))
+    run.plan_budget(str(tiny_model_dir), roomy, torch.device("cpu"), keep=())
+    assert calls == []
+    plan = run.plan_run(roomy, run.load_model_config(str(tiny_model_dir)), torch.device("cpu"))
+    tight = RunConfig(train=TrainConfig(max_mem=str(int(plan.predicted_peak * 2))))  # fits, but not 3.2x over
+    run.plan_budget(str(tiny_model_dir), tight, torch.device("cpu"), keep=())
+    assert calls == [True]
