@@ -422,8 +422,8 @@ def kill_child(work: Path, kills: int, seed: int) -> None:
     reference = _fork(_train_worker, work / "reference", replace(KILL_CFG, save_every=0))  # alongside the kills
     run, rng = work / "run", random.Random(seed)
     plan: list[tuple[str, float]] = [("random", rng.uniform(0.15, 0.9)) for _ in range(kills)]
-    for i, pause in enumerate(PAUSES):  # early in the run, while there are steps left to reach every pause
-        plan.insert(1 + i * min(3, kills // len(PAUSES) + 1), pause)
+    for i, pause in enumerate(PAUSES):  # right after the first random kill: steps are left to reach every pause
+        plan.insert(1 + i, pause)
     for where, arg in plan:
         read_end, write_end = os.pipe()
         if where == "random":
