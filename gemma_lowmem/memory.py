@@ -391,17 +391,6 @@ def describe_model(
     )
 
 
-def estimate_weight_bytes(model_config: object, quant: str, dtype_bytes: int, *, embeddings: str = "float") -> int:
-    """Bytes of the frozen weights, from the config alone (the model is built on the meta device).
-
-    Linear layers of the decoder are quantized (int8: 1 byte + a scale per row, nf4: 0.5 byte + block scales);
-    embeddings, norms and the tied head stay in the weights' dtype unless ``embeddings`` says otherwise
-    (:func:`describe_model`).
-    """
-    shape = describe_model(model_config, quant=quant, dtype_bytes=dtype_bytes, embeddings=embeddings)
-    return sum(shape.weight_bytes.values())
-
-
 def fixed_bytes(shape: ModelShape, device_type: str) -> int:
     """What a step holds whatever the batch: frozen weights, the adapter's states and the runtime."""
     runtime = CPU_RUNTIME_BYTES if device_type == "cpu" else CUDA_RUNTIME_BYTES

@@ -21,7 +21,6 @@ from gemma_lowmem.memory import (
     WeightsExceedBudget,
     describe_model,
     enforce_cap,
-    estimate_weight_bytes,
     fixed_bytes,
     is_oom,
     load_model_config,
@@ -69,7 +68,8 @@ def test_describe_model_counts_weights_and_lora_by_hand():
     assert shape.weight_bytes["quantized linears"] == int8
     assert shape.weight_bytes["embedding and head"] == 1000 * (64 + 4)  # tied, int8 rows: counted once
     assert shape.lora_params == 2 * 4 * ((h + q) + (i + h))
-    assert estimate_weight_bytes(cfg, "none", 4) == 4 * sum(p.numel() for p in _meta_model(cfg).parameters())
+    unquantized = describe_model(cfg, quant="none", dtype_bytes=4, embeddings="float")
+    assert sum(unquantized.weight_bytes.values()) == 4 * sum(p.numel() for p in _meta_model(cfg).parameters())
 
 
 def _meta_model(cfg):
