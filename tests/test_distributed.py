@@ -96,12 +96,7 @@ def two_ranks(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def lora_state(path: Path) -> dict[str, torch.Tensor]:

@@ -40,13 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ADAPTER = "adapter_model.safetensors"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on shared cores spinning OpenMP threads cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def lora_model(seed: int = 0, dropout: float = 0.1) -> torch.nn.Module:
