@@ -472,7 +472,7 @@ def run_hf(settings: Settings) -> dict[str, Any]:
             output_dir=out, per_device_train_batch_size=HF_BATCH, gradient_accumulation_steps=settings.grad_accum,
             gradient_checkpointing=True, bf16=native_bf16, max_steps=steps, report_to=[], logging_steps=1,
             save_strategy="no", dataloader_num_workers=0, learning_rate=cfg.train.lr, lr_scheduler_type="constant",
-            seed=settings.seed, disable_tqdm=True,
+            seed=settings.seed, disable_tqdm=True, use_cpu=device.type == "cpu",  # else bf16 asks for a GPU
         )
         return Trainer(model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=callbacks)
 

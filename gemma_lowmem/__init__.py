@@ -6,7 +6,12 @@ The public names load lazily, so ``import gemma_lowmem.evaluation`` does not pul
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
+
+# On CPUs with AVX-512 bf16, importing bitsandbytes tries to fetch an nf4 kernel from the hub through the `kernels`
+# package (which our own `kernels/` shadows) and logs a warning when it cannot: the int8 path never uses that kernel.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _EXPORTS = {
     "DataConfig": "gemma_lowmem.config",
