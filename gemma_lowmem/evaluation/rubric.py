@@ -221,6 +221,50 @@ def _check_score(key: str, value: Any, maximum: int) -> int:
     return int(value)
 
 
+@dataclass(frozen=True)
+class Slot:
+    """A place in a rubric answer that the grader fills; the rest of the answer is fixed text.
+
+    Attributes:
+        kind: ``"score"`` (a whole number, then ``/max``), ``"comment"`` (a criterion's `` - comment``, or nothing),
+            ``"feedback"`` or ``"suggestions"``.
+        key: the criterion key or ``"total"`` for a score, the criterion key for a comment, else ``""``.
+    """
+
+    kind: str
+    key: str = ""
+
+
+def rubric_template(lang: str = "ko", spec: RubricSpec = SUMMARY_RUBRIC) -> list[str | Slot]:
+    """The training format as fixed text and slots, in order; :func:`render_rubric` fills it, guided decoding
+    writes the fixed text itself and lets the model write only the slots.
+
+    Args:
+        lang: ``"ko"`` or ``"en"`` labels and headings (one of ``spec.titles``).
+        spec: the rubric.
+
+    Returns:
+        Strings (fixed text) and :class:`Slot` s; adjacent strings are merged.
+    """
+    if lang not in spec.titles:
+        raise ValueError(f"lang must be one of {list(spec.titles)}, got {lang!r}")
+    h = spec.headings[lang]
+    parts: list[str | Slot] = [f"{spec.titles[lang]}\n\n**{h['total']}: ", Slot("score", "total"),
+                               f"/{spec.max_total}**\n\n**{h['details']}:**"]
+    for key, (maximum, label_ko, label_en) in spec.criteria.items():
+        parts += [f"\n- {label_ko if lang == 'ko' else label_en}: ", Slot("score", key), f"/{maximum}",
+                  Slot("comment", key)]
+    parts += [f"\n\n**{h['feedback']}:**\n", Slot("feedback"), f"\n\n**{h['suggestions']}:**\n",
+              Slot("suggestions")]
+    merged: list[str | Slot] = []
+    for part in parts:
+        if isinstance(part, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += part
+        else:
+            merged.append(part)
+    return merged
+
+
 def render_rubric(
     scores: dict[str, int],
     feedback: str,
@@ -229,7 +273,7 @@ def render_rubric(
     lang: str = "ko",
     spec: RubricSpec = SUMMARY_RUBRIC,
 ) -> str:
-    """Write a rubric answer in the training format; the total is the sum of the scores.
+    """Write a rubric answer in the training format (:func:`rubric_template`); the total is the sum of the scores.
 
     Args:
         scores: criterion key -> whole-number score within [0, max], for every criterion of ``spec``.
@@ -246,22 +290,25 @@ def render_rubric(
     Raises:
         ValueError: a criterion is missing or unknown, or a score is not a whole number within its range.
     """
-    if lang not in spec.titles:
-        raise ValueError(f"lang must be one of {list(spec.titles)}, got {lang!r}")
+    template = rubric_template(lang, spec)
     keys = list(spec.criteria)
     if set(scores) != set(keys) or not set(comments) <= set(keys):
         raise ValueError(f"scores must have exactly the keys {keys} (comments some of them), got {sorted(scores)} "
                          f"and {sorted(comments)}")
     values = {key: _check_score(key, scores[key], spec.criteria[key][0]) for key in keys}
-    h = spec.headings[lang]
-    total = f"**{h['total']}: {sum(values.values())}/{spec.max_total}**"
-    lines = [spec.titles[lang], "", total, "", f"**{h['details']}:**"]
-    for key, (maximum, label_ko, label_en) in spec.criteria.items():
-        comment = " ".join((comments.get(key) or "").split())
-        line = f"- {label_ko if lang == 'ko' else label_en}: {values[key]}/{maximum}"
-        lines.append(f"{line} - {comment}" if comment else line)
-    lines += ["", f"**{h['feedback']}:**", feedback.strip(), "", f"**{h['suggestions']}:**", suggestions.strip()]
-    return "\n".join(lines)
+    values["total"] = sum(values.values())
+    out = []
+    for part in template:
+        if isinstance(part, str):
+            out.append(part)
+        elif part.kind == "score":
+            out.append(str(values[part.key]))
+        elif part.kind == "comment":
+            comment = " ".join((comments.get(part.key) or "").split())
+            out.append(f" - {comment}" if comment else "")
+        else:
+            out.append((feedback if part.kind == "feedback" else suggestions).strip())
+    return "".join(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,241 @@
+"""Guided rubric decoding: the code writes the answer's fixed text, the model writes only the slots.
+
+The answer format is :func:`~gemma_lowmem.evaluation.rubric.rubric_template` of a
+:class:`~gemma_lowmem.evaluation.rubric.RubricSpec` (the summary rubric in Korean or English, the essay rubric...):
+fixed text (title, headings, labels, ``/max``) and slots. The fixed text is fed to the model as tokens, exactly as
+training tokenized it (Gemma writes every digit and newline as a token of its own, so the pieces tokenize alone as
+they do inside the whole answer); the slots are read from the model:
+
+- **Score slots**: the model's distribution over every allowed integer 0..max. A number's probability is the
+  product over its digit tokens and the token that ends it (the ``/`` of ``24/30``). All numbers are prefixes of
+  each other's digit strings, so they form a tree with one node per number; :meth:`Decoder.branch` reads the
+  next-token distribution after every node in one forward pass over the cache (101 tokens for 0..100), then drops
+  them. Recorded: the argmax (written into the answer), the expected score ``sum p(s) * s`` over the distribution
+  renormalised to the allowed range (G-Eval's weighting), and the mass the model put in that range.
+- **Free-text slots** (each criterion's comment, the overall feedback, the suggestions): greedy until the slot ends
+  (a newline; a blank line or the end of the turn for the suggestions, which are bullet lines), each with its own
+  token cap (:data:`SLOT_TOKENS`) so one rambling slot cannot eat the budget.
+
+The total is the sum of the criteria's scores (the rubric defines it so, and :func:`parse_rubric` checks it). The
+format puts it first, so the model reads it first: its own total slot is read and recorded (``readings["total"]``:
+the model's holistic judgement), its argmax is written, and the criteria are read after it as in training, where
+they always add up to the total above them. The answer then shows the criteria's sum and ``expected_total`` is the
+sum of the criteria's expected scores (linearity of expectation); the free-text slots were written after the
+model's own total, which the sum may differ from by a few points.
+
+Modes (:data:`MODES`): ``free`` (plain greedy generation, parsed; kept for comparison), ``guided`` (every slot) and
+``scores`` (score slots only: the comments and texts are left empty, for fast batch grading). ``guided`` and
+``scores`` give a valid answer by construction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from gemma_lowmem.evaluation.generate import (
+    Autocast,
+    Decoder,
+    generate_texts,
+    length_sorted_batches,
+    stop_token_ids,
+    token_ids_containing,
+)
+from gemma_lowmem.evaluation.rubric import (
+    SUMMARY_RUBRIC,
+    RubricResult,
+    RubricSpec,
+    Slot,
+    parse_rubric,
+    render_rubric,
+    rubric_template,
+)
+
+MODES = ("free", "guided", "scores")
+SLOT_TOKENS: Mapping[str, int] = {"comment": 48, "feedback": 160, "suggestions": 128}
+"""Token cap of each free-text slot (the summary task's targets: comments 10-35 tokens, feedback 20-120)."""
+_LEADING_DASH = re.compile(r"^[\s\-–—:]+")  # the " - " between a score and its comment
+
+
+@dataclass
+class ScoreReading:
+    """What the model's distribution says about one score slot.
+
+    Attributes:
+        value: the most probable allowed integer (written into the answer).
+        expected: ``sum p(s) * s`` over the allowed integers, ``p`` renormalised to them.
+        mass: the probability of writing an allowed integer (then the end of the number) at all.
+    """
+
+    value: int
+    expected: float
+    mass: float
+
+
+@dataclass
+class RubricAnswer:
+    """One graded answer.
+
+    Attributes:
+        text: the answer: the rendered guided answer, or the generated text in ``free`` mode.
+        result: ``parse_rubric(text, spec)``: scores, total, texts, validity.
+        readings: score field (criteria and ``"total"``, the model's own total slot) -> :class:`ScoreReading`;
+            empty in ``free`` mode.
+        expected_total: the sum of the criteria's expected scores (None in ``free`` mode).
+    """
+
+    text: str
+    result: RubricResult
+    readings: dict[str, ScoreReading] = field(default_factory=dict)
+    expected_total: float | None = None
+
+
+def _digit_ids(tokenizer: Any) -> list[int]:
+    ids = [tokenizer(str(d), add_special_tokens=False)["input_ids"] for d in range(10)]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError("guided decoding needs a tokenizer that writes each digit as one token (Gemma's does)")
+    return [i[0] for i in ids]
+
+
+def read_score(decoder: Decoder, maximum: int, digit_ids: Sequence[int], end_id: int
+               ) -> tuple[list[ScoreReading], torch.Tensor]:
+    """Read every row's distribution over the integers 0..``maximum`` at the cache's end.
+
+    Args:
+        decoder: the rows, each ending right before the number.
+        maximum: the slot's maximum.
+        digit_ids: the token of each digit 0-9.
+        end_id: the token that follows a number in the answer (``/``).
+
+    Returns:
+        Per row its reading, and the (rows, maximum + 1) log-probabilities of the integers (not renormalised).
+    """
+    nodes = [str(s) for s in range(maximum + 1)]  # node s is the number s; its parent is s without its last digit
+    parents = [-1 if len(n) == 1 else int(n[:-1]) for n in nodes]
+    first = decoder.log_probs(digit_ids)  # (B, 10)
+    after = decoder.branch([digit_ids[int(n[-1])] for n in nodes], parents, [*digit_ids, end_id])  # (B, S, 11)
+    path: list[torch.Tensor] = []  # log p(digits of s), (B,) each
+    for s, n in enumerate(nodes):
+        digit = int(n[-1])
+        path.append(first[:, digit] if parents[s] < 0 else path[parents[s]] + after[:, parents[s], digit])
+    logp = torch.stack(path, dim=1) + after[:, :, 10]  # (B, S): ... and then the end of the number
+    probs = torch.softmax(logp, dim=1)
+    values = torch.arange(maximum + 1, dtype=probs.dtype, device=probs.device)
+    readings = [ScoreReading(int(v), float(e), float(m)) for v, e, m in zip(
+        logp.argmax(1).tolist(), (probs * values).sum(1).tolist(), torch.logsumexp(logp, 1).exp().tolist())]
+    return readings, logp
+
+
+def _slot_stops(tokenizer: Any) -> dict[str, list[int]]:
+    """Stop ids of each free-text slot kind: the end of the turn, and a newline (a blank line for suggestions)."""
+    end = stop_token_ids(tokenizer)
+    line = sorted({*end, *token_ids_containing(tokenizer, "\n")})
+    return {"comment": line, "feedback": line,
+            "suggestions": sorted({*end, *token_ids_containing(tokenizer, "\n\n")})}
+
+
+@torch.no_grad()
+def _guided_batch(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], template: list[str | Slot],
+                  spec: RubricSpec, lang: str, mode: str, slot_tokens: Mapping[str, int],
+                  autocast: Autocast) -> list[RubricAnswer]:
+    digits = _digit_ids(tokenizer)
+    stops = _slot_stops(tokenizer) if mode == "guided" else {}
+    decoder = Decoder(model, prompts, pad_id=tokenizer.pad_token_id, autocast=autocast)
+    rows = range(decoder.rows)
+    pending: list[list[int]] = [[] for _ in rows]  # tokens each row still has to be fed
+    readings: list[dict[str, ScoreReading]] = [{} for _ in rows]
+    texts: list[dict[str, str]] = [{} for _ in rows]
+    for i, part in enumerate(template):
+        if isinstance(part, str):
+            ids = tokenizer(part, add_special_tokens=False)["input_ids"]
+            pending = [p + ids for p in pending]
+            continue
+        if part.kind != "score" and mode == "scores":
+            continue
+        decoder.feed(pending)
+        if part.kind == "score":
+            following = template[i + 1]
+            assert isinstance(following, str), "a score is followed by fixed text (its /max)"
+            end_id = tokenizer(following, add_special_tokens=False)["input_ids"][0]
+            maximum = spec.max_total if part.key == "total" else spec.criteria[part.key][0]
+            found, _ = read_score(decoder, maximum, digits, end_id)
+            for r in rows:
+                readings[r][part.key] = found[r]
+            pending = [[digits[int(d)] for d in str(found[r].value)] for r in rows]
+        else:
+            new = decoder.greedy(stops[part.kind], slot_tokens[part.kind])
+            pending = [[] for _ in rows]
+            for r in rows:
+                texts[r][part.key or part.kind] = tokenizer.decode(new[r], skip_special_tokens=True).strip()
+    answers = []
+    for r in rows:
+        scores = {key: readings[r][key].value for key in spec.criteria}
+        comments = {key: _LEADING_DASH.sub("", texts[r].get(key, "")) for key in spec.criteria}
+        text = render_rubric(scores, texts[r].get("feedback", ""), texts[r].get("suggestions", ""), comments, lang,
+                             spec)
+        expected = math.fsum(readings[r][key].expected for key in spec.criteria)
+        answers.append(RubricAnswer(text, parse_rubric(text, spec), readings[r], expected))
+    return answers
+
+
+def rubric_answers(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    spec: RubricSpec = SUMMARY_RUBRIC,
+    lang: str = "ko",
+    mode: str = "guided",
+    max_new_tokens: int = 384,
+    slot_tokens: Mapping[str, int] = SLOT_TOKENS,
+    batch_size: int = 8,
+    show_progress: bool = True,
+    autocast: Autocast = contextlib.nullcontext,
+) -> list[RubricAnswer]:
+    """Answer rendered rubric prompts in one of :data:`MODES`.
+
+    Args:
+        model: the evaluator (a PEFT model answers with its active adapter).
+        tokenizer: its tokenizer (``guided``/``scores``: one token per digit).
+        prompts: rendered prompts, generation prompt included (they hold their special tokens).
+        spec: the rubric.
+        lang: the answer's language (one of ``spec.titles``).
+        mode: ``free``, ``guided`` or ``scores`` (see the module docstring).
+        max_new_tokens: ``free`` mode's longest answer.
+        slot_tokens: ``guided`` mode's cap per free-text slot kind (``comment``, ``feedback``, ``suggestions``).
+        batch_size: prompts per batch (sorted by length).
+        show_progress: show a progress bar.
+        autocast: zero-argument callable returning the context manager of every forward (training's
+            ``Precision.autocast``).
+
+    Returns:
+        One answer per prompt, in order.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "free":
+        texts = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               show_progress=show_progress, autocast=autocast)
+        return [RubricAnswer(t, parse_rubric(t, spec)) for t in texts]
+    template = rubric_template(lang, spec)
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    answers: list[RubricAnswer | None] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(prompts), desc=f"grading ({mode})", unit="prompt", disable=not show_progress, leave=False)
+    for batch in length_sorted_batches([len(i) for i in ids], batch_size):
+        done = _guided_batch(model, tokenizer, [ids[i] for i in batch], template, spec, lang, mode, slot_tokens,
+                             autocast)
+        for i, answer in zip(batch, done):
+            answers[i] = answer
+        bar.update(len(batch))
+    bar.close()
+    model.train(was_training)
+    return [a for a in answers if a is not None]
