@@ -59,6 +59,28 @@ def _parser_for(base: type, optional: bool, flag: str) -> Callable[[str], Any]:
     return parse
 
 
+def _pair_parser(flag: str) -> Callable[[str], tuple[str, str]]:
+    def parse(text: str) -> tuple[str, str]:
+        key, sep, value = text.partition("=")
+        if not (sep and key.strip() and value.strip()):
+            raise argparse.ArgumentTypeError(f"{flag} expects KEY=VALUE pairs such as article=text, got {text!r}")
+        return key.strip(), value
+
+    return parse
+
+
+class _PairsAction(argparse.Action):
+    """``--columns a=b c=d`` (or the flag given twice) -> ``{"a": "b", "c": "d"}``; a key named twice is an error."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        pairs = dict(getattr(namespace, self.dest, {}))
+        for key, value in values:
+            if key in pairs:
+                parser.error(f"{option_string} names '{key}' twice ({key}={pairs[key]}, {key}={value})")
+            pairs[key] = value
+        setattr(namespace, self.dest, pairs)
+
+
 def build_parser(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
     """An argparse parser with one flag per config field (help from the field's metadata)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -78,6 +100,9 @@ def build_parser(description: str, extra: Callable[[argparse.ArgumentParser], No
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             elif base is list:
                 group.add_argument(flag, nargs="+", **kw)
+            elif base is dict:
+                group.add_argument(flag, nargs="+", type=_pair_parser(flag), action=_PairsAction,
+                                   metavar=f.metadata.get("metavar", "KEY=VALUE"), **kw)
             else:
                 if "choices" in f.metadata:
                     kw["choices"] = f.metadata["choices"]

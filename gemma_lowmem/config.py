@@ -111,8 +111,17 @@ class DataConfig:
     max_val_samples: int | None = _f(500, "at most this many validation rows (none: all)")
     max_seq_length: int = _f(2048, "longest conversation in tokens; longer ones get their article cut")
     max_article_length: int = _f(2000, "cut articles to this many characters, at a sentence end")
+    no_reference_share: float = _f(
+        0.0, "summary_eval: share of conversations whose evaluation request has no reference summary, so the "
+        "evaluator learns to grade rows without one (0: always with the reference)"
+    )
     skip_bad_rows: bool = _f(False, "skip malformed rows (and report how many) instead of stopping")
     cache_dir: str | None = _f(None, "where tokenized data sets are cached (default: ~/.cache/gemma_lowmem)")
+    columns: dict[str, str] = _f(
+        {}, "read a task field from a column of another name, FIELD=COLUMN pairs: --columns article=text "
+        "highlights=reference (local files and hub sets; the error for a missing field names its FIELD)",
+        metavar="FIELD=COLUMN",
+    )
 
     def __post_init__(self) -> None:
         _check_choice("lang", self.lang, ("ko", "en"))
@@ -120,6 +129,13 @@ class DataConfig:
         _check_positive("max_val_samples", self.max_val_samples, allow_none=True)
         _check_positive("max_seq_length", self.max_seq_length)
         _check_positive("max_article_length", self.max_article_length)
+        if not 0 <= self.no_reference_share <= 1:
+            raise UserError(f"no_reference_share={self.no_reference_share!r} must be in [0, 1]")
+        for name, column in self.columns.items():
+            if not (isinstance(name, str) and name.strip() and "=" not in name and isinstance(column, str)
+                    and column.strip()):
+                raise UserError(f"columns: {name!r}={column!r} must map a field name to a column name, "
+                                "e.g. --columns article=text")
 
 
 @dataclass
@@ -193,8 +209,13 @@ class EvalConfig:
     max_new_tokens: int = _f(384, "longest generated answer in tokens")
     gen_batch_size: int = _f(8, "prompts per generation batch")
     report_examples: int = _f(5, "examples shown in report.md")
+    mode: str = _f(
+        "guided", "rubric tasks: guided (the code writes the format, the model the scores and texts), scores (score "
+        "slots only, fastest), free (plain generation, parsed)", choices=("guided", "scores", "free"),
+    )
 
     def __post_init__(self) -> None:
+        _check_choice("mode", self.mode, ("guided", "scores", "free"))
         _check_positive("max_new_tokens", self.max_new_tokens)
         _check_positive("gen_batch_size", self.gen_batch_size)
         if self.report_examples < 0:
@@ -272,7 +293,7 @@ def _check_type(where: str, value: Any, annotation: str) -> None:
     if value is None and "None" in kinds:
         return
     base = kinds[0]
-    expected = (list,) if base.startswith("list") else _TYPES.get(base, (object,))
+    expected = {"list": (list,), "dict": (dict,)}.get(base.split("[")[0]) or _TYPES.get(base, (object,))
     ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)
     if not ok:
         raise UserError(f"{where}={value!r} has the wrong type: expected {base}")

@@ -1,22 +1,78 @@
 """Read rows from local JSONL, JSON, CSV or Parquet files with errors that name file, row and field.
 
 Every task reads its local data through :func:`read_records`; hub data sets go through
-:func:`load_hub_records`, which turns "no network" into one clear message.
+:func:`load_hub_records`, which turns "no network" into one clear message. Both take ``columns`` (``--columns``), a
+mapping from a task's field to the column that holds it in this data (``{"article": "text"}``), in the spirit of
+TRL's and axolotl's field mappings: each row gets the field copied from that column, so the checks and the task see
+their own names. A row that has no such column keeps its own field of that name, if any.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gemma_lowmem.errors import UserError
 
+log = logging.getLogger(__name__)
+
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+Columns = Mapping[str, str]  # task field -> the data's column
+
+
+def apply_columns(row: Any, columns: Columns | None) -> Any:
+    """``row`` with each mapped field copied from its column (rows that are not dicts pass through).
+
+    Args:
+        row: a raw row.
+        columns: task field -> column, e.g. ``{"article": "text"}``; None or empty: the row unchanged.
+
+    Returns:
+        A new dict when anything was mapped, else ``row`` itself.
+    """
+    if not columns or not isinstance(row, dict):
+        return row
+    mapped = {name: row[column] for name, column in columns.items() if column in row}
+    return {**row, **mapped} if mapped else row
+
+
+def columns_hint(name: str, columns: Columns | None) -> str:
+    """How ``--columns`` supplies the missing field ``name``: the mapping given for it, or how to give one."""
+    if columns and name in columns:
+        return f"--columns {name}={columns[name]} names a column this row lacks"
+    return f"if your data calls it otherwise, map it: --columns {name}=YOUR_COLUMN"
+
+
+def missing_field(name: str, row: dict[str, Any], columns: Columns | None) -> str:
+    """The message for a row without field ``name``: the fields it has and the ``--columns`` hint."""
+    return f"missing field '{name}' (fields present: {', '.join(row) or 'none'}); {columns_hint(name, columns)}"
+
+
+def check_columns(columns: Columns | None, fields: Sequence[str], task: str) -> None:
+    """Refuse a mapping to a field the task never reads (a typo would otherwise be ignored silently).
+
+    Raises:
+        UserError: naming the mapping and the task's fields.
+    """
+    unknown = [f"{name}={column}" for name, column in (columns or {}).items() if name not in fields]
+    if unknown:
+        raise UserError(f"--columns {' '.join(unknown)}: task '{task}' reads no such field; its fields: "
+                        f"{', '.join(fields)}")
+
+
+def _warn_unmatched(where: str, rows: list[Any], columns: Columns | None) -> None:
+    """Say so when a mapped column is in no row and neither is its field (an optional field's typo)."""
+    keys = set().union(*(r.keys() for r in rows if isinstance(r, dict))) if rows else set()
+    for name, column in (columns or {}).items():
+        if column not in keys and name not in keys:
+            log.warning("%s: --columns %s=%s: no row has a column '%s' (columns: %s)", where, name, column, column,
+                        ", ".join(sorted(keys)) or "none")
 
 
 @dataclass
@@ -99,15 +155,17 @@ def read_records(
     text_fields: Sequence[str] = (),
     skip_bad_rows: bool = False,
     bad_rows: BadRows | None = None,
+    columns: Columns | None = None,
 ) -> list[dict[str, Any]]:
     """Read a local data file into a list of dicts.
 
     Args:
         path: a ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file.
-        required: fields every row must have (non-null).
+        required: fields every row must have (non-null), after ``columns``.
         text_fields: fields that must be non-empty strings.
         skip_bad_rows: skip rows that fail the checks (counted in ``bad_rows``) instead of raising.
         bad_rows: collects the skipped rows' reasons.
+        columns: task field -> column in this file (module docstring); the rows carry both names.
 
     Returns:
         The rows, in file order.
@@ -130,9 +188,11 @@ def read_records(
         rows = reader(path, _read_text(path))
 
     bad_rows = bad_rows if bad_rows is not None else BadRows()
-    records = []
+    records, raw = [], []
     for where, row in rows:
-        problem = _check_row(path, where, row, required, text_fields)
+        raw.append(row)
+        row = apply_columns(row, columns)
+        problem = _check_row(path, where, row, required, text_fields, columns)
         if problem is None:
             records.append(row)
         elif skip_bad_rows:
@@ -142,11 +202,12 @@ def read_records(
     if not records:
         detail = f" ({bad_rows.count} bad rows skipped)" if bad_rows.count else ""
         raise UserError(f"{path}: no usable rows{detail}")
+    _warn_unmatched(str(path), raw, columns)
     return records
 
 
 def _check_row(
-    path: Path, where: str, row: Any, required: Sequence[str], text_fields: Sequence[str]
+    path: Path, where: str, row: Any, required: Sequence[str], text_fields: Sequence[str], columns: Columns | None
 ) -> UserError | None:
     if isinstance(row, UserError):
         return row
@@ -154,7 +215,7 @@ def _check_row(
         return UserError(f"{path}: {where}: expected an object with fields, got {type(row).__name__}")
     for name in required:
         if row.get(name) is None:
-            return UserError(f"{path}: {where}: missing field '{name}' (fields present: {', '.join(row) or 'none'})")
+            return UserError(f"{path}: {where}: {missing_field(name, row, columns)}")
     for name in text_fields:
         value = row.get(name)
         if not isinstance(value, str):
@@ -164,8 +225,18 @@ def _check_row(
     return None
 
 
-def load_hub_records(name: str, config: str | None, split: str) -> list[dict[str, Any]]:
+def load_hub_records(name: str, config: str | None, split: str, columns: Columns | None = None
+                     ) -> list[dict[str, Any]]:
     """Load a split of a Hugging Face hub data set through ``datasets``.
+
+    Args:
+        name: the data set id.
+        config: its configuration (None: the default).
+        split: the split, possibly sliced (``train[:100]``).
+        columns: task field -> column of this set (module docstring).
+
+    Returns:
+        The rows, the mapped fields copied in.
 
     Raises:
         UserError: when the hub cannot be reached or the data set is unknown, naming the local alternative.
@@ -175,10 +246,12 @@ def load_hub_records(name: str, config: str | None, split: str) -> list[dict[str
     except ImportError:
         raise UserError("loading hub data sets needs the 'datasets' package (pip install datasets)") from None
     try:
-        return list(datasets.load_dataset(name, config, split=split))
+        rows = list(datasets.load_dataset(name, config, split=split))
     except Exception as err:  # network, auth and unknown-name errors come in many types
         raise UserError(
             f"could not load data set '{name}' ({config or 'default'}, {split}) from the hub: "
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
             "Offline? Give a local file with --data PATH (JSONL/CSV/Parquet) or use --demo"
         ) from None
+    _warn_unmatched(f"{name} ({split})", rows, columns)
+    return [apply_columns(row, columns) for row in rows]

@@ -41,7 +41,7 @@ from gemma_lowmem.evaluation.metrics import agreement, quadratic_weighted_kappa
 from gemma_lowmem.evaluation.rubric import parse_rubric, render_rubric
 from gemma_lowmem.tasks.essay_feedback import essay_features, split_total, write_feedback
 from gemma_lowmem.tasks.essay_rubric import CRITERIA_HELP, ESSAY_CRITERIA, ESSAY_RUBRIC, MAX_TOTAL
-from gemma_lowmem.tasks.sources import BadRow, HubSet, LoadedRows, Row, load_rows
+from gemma_lowmem.tasks.sources import BadRow, HubSet, LoadedRows, MissingField, Row, load_rows
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ HUB_SCALE = (1, 6)  # AES2 holistic scores
 ASAP_SCALES = {1: (2, 12), 2: (1, 6), 3: (0, 3), 4: (0, 3), 5: (0, 4), 6: (0, 4), 7: (0, 30), 8: (0, 60)}
 _TRAIT_SCALES = {7: (0, 3), 8: (1, 6)}  # per rater and trait
 _LANGUAGE_TRAITS = {7: (3, 4), 8: (3, 4, 5, 6)}  # trait numbers that describe language (-> expression)
+FIELDS = ("essay", "full_text", "text", "domain1_score", "score", "holistic_score", "score_min", "score_max",
+          "essay_set", "prompt_id", "prompt_name", "essay_id", "id", "prompt", "traits", "domain2_score")
 
 
 def _round(x: float) -> int:
@@ -170,10 +172,12 @@ def normalise_essay(row: Row, default_scale: tuple[float, float] | None = None) 
         raise BadRow(f"expected an object with fields, got {type(row).__name__}")
     key, essay = _first(row, ("essay", "full_text", "text"))
     if not isinstance(essay, str):
-        raise BadRow(f"missing essay text: give 'essay' (or 'full_text'/'text') (fields present: {', '.join(row)})")
+        raise MissingField("essay", "missing essay text: give 'essay' (or 'full_text'/'text') "
+                                    f"(fields present: {', '.join(row) or 'none'})")
     key, raw_score = _first(row, ("domain1_score", "score", "holistic_score"))
     if key is None:
-        raise BadRow(f"missing field 'domain1_score' (or 'score') (fields present: {', '.join(row)})")
+        raise MissingField("score", "missing field 'domain1_score' (or 'score') "
+                                    f"(fields present: {', '.join(row) or 'none'})")
     score = _number(key, raw_score)
     if row.get("score_min") is not None and row.get("score_max") is not None:
         lo, hi = _number("score_min", row["score_min"]), _number("score_max", row["score_max"])
@@ -223,7 +227,7 @@ def load_data(cfg: DataConfig) -> LoadedRows:
         Normalised rows (see :func:`normalise_essay`) and what was skipped.
     """
     default_scale = HUB_SCALE if not cfg.demo and not cfg.train_file and cfg.data in (None, HUB.name) else None
-    data = load_rows(cfg, lambda row: normalise_essay(row, default_scale), demo_file=DEMO_FILE, hub=HUB,
+    data = load_rows(cfg, lambda row: normalise_essay(row, default_scale), fields=FIELDS, demo_file=DEMO_FILE, hub=HUB,
                      demo_val_fraction=0.25, group="set", balance="set", prepare=_prompts_from_sibling)
     log.info("%s: %d training essays, %d validation essays", data.source, len(data.train), len(data.val))
     return data

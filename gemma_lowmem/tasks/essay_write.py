@@ -38,7 +38,7 @@ from gemma_lowmem.evaluation.rouge import rouge_pair
 from gemma_lowmem.evaluation.rubric import parse_rubric
 from gemma_lowmem.tasks.essay_feedback import essay_features
 from gemma_lowmem.tasks.essay_rubric import ESSAY_RUBRIC
-from gemma_lowmem.tasks.sources import BadRow, HubSet, LoadedRows, Row, load_rows
+from gemma_lowmem.tasks.sources import BadRow, HubSet, LoadedRows, MissingField, Row, load_rows
 from gemma_lowmem.tasks.student_summaries import content_tokens, cut_at_sentence_end, split_sentences
 from gemma_lowmem.tasks.summary_eval import DEMO_FILE
 
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("agree", "causes", "consequences", "action")
 HUB = HubSet("abisee/cnn_dailymail", "3.0.0", "train", "validation")
+FIELDS = ("id", "article", "text")  # what --columns may map
 GROUNDED_SHARE = 0.6  # a sentence is grounded when this share of its content words occurs in the article
 
 # ------------------------------------------------------------------------------------------------------ loading
@@ -65,14 +66,15 @@ def load_data(cfg: DataConfig) -> LoadedRows:
             raise BadRow(f"expected an object with fields, got {type(row).__name__}")
         article = next((row[k] for k in ("article", "text") if isinstance(row.get(k), str) and row[k].strip()), None)
         if article is None:
-            raise BadRow(f"missing field 'article' (or 'text') (fields present: {', '.join(row)})")
+            raise MissingField("article", f"missing field 'article' (or 'text') (fields present: "
+                                          f"{', '.join(row) or 'none'})")
         article = cut_at_sentence_end(" ".join(article.split()), cfg.max_article_length)
         row_id = row.get("id")
         if row_id in (None, ""):
             row_id = "article-" + hashlib.sha1(article.encode("utf-8")).hexdigest()[:10]
         return {"id": str(row_id), "article": article}
 
-    data = load_rows(cfg, normalise, demo_file=DEMO_FILE, hub=HUB)
+    data = load_rows(cfg, normalise, fields=FIELDS, demo_file=DEMO_FILE, hub=HUB)
     log.info("%s: %d training articles, %d validation articles", data.source, len(data.train), len(data.val))
     return data
 

@@ -42,13 +42,14 @@ from gemma_lowmem.evaluation.rouge import rouge_pair
 from gemma_lowmem.loss import lm_parts
 from gemma_lowmem.model import CACHE
 from gemma_lowmem.tasks import TaskTraining
-from gemma_lowmem.tasks.sources import BadRow, HubSet, LoadedRows, Row, load_rows
+from gemma_lowmem.tasks.sources import BadRow, HubSet, LoadedRows, MissingField, Row, load_rows
 from gemma_lowmem.tasks.student_summaries import detect_lang
 
 log = logging.getLogger(__name__)
 
 DEMO_FILE = Path(__file__).parents[1] / "data" / "demo" / "preference_demo.jsonl"
 HUB = HubSet("Anthropic/hh-rlhf", None, "train", "test")
+FIELDS = ("id", "prompt", "chosen", "rejected", "lang", "topic")  # what --columns may map
 SFT_TASK = "preference_sft"  # the same data as SFT on (prompt -> chosen)
 # TrainConfig fields read with getattr until the config has them: name -> default.
 DPO_DEFAULTS = {"dpo_beta": 0.1, "dpo_loss": "sigmoid", "dpo_label_smoothing": 0.0}
@@ -176,11 +177,12 @@ def normalise(row: Row) -> Row:
     chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
     for name, value in (("chosen", chosen), ("rejected", rejected)):
         if value is None:
-            raise BadRow(f"missing field '{name}' (fields present: {', '.join(row) or 'none'})")
+            raise MissingField(name, f"missing field '{name}' (fields present: {', '.join(row) or 'none'})")
     if isinstance(chosen, str) and isinstance(rejected, str) and _is_dialogue(chosen) and _is_dialogue(rejected):
         messages, chosen, rejected = split_hh_pair(chosen, rejected)
     elif prompt is None:
-        raise BadRow("missing field 'prompt' (or give 'chosen' and 'rejected' as whole HH dialogues)")
+        raise MissingField("prompt", "missing field 'prompt' (or give 'chosen' and 'rejected' as whole HH "
+                                     f"dialogues) (fields present: {', '.join(row) or 'none'})")
     elif not isinstance(prompt, str) or not prompt.strip():
         raise BadRow("field 'prompt' must be non-empty text")
     else:
@@ -206,7 +208,7 @@ def load_pairs(cfg: DataConfig) -> LoadedRows:
     Returns:
         The normalised rows and the skipped ones.
     """
-    data = load_rows(cfg, normalise, demo_file=DEMO_FILE, hub=HUB, group="lang" if cfg.demo else None)
+    data = load_rows(cfg, normalise, fields=FIELDS, demo_file=DEMO_FILE, hub=HUB, group="lang" if cfg.demo else None)
     log.info("%s: %d training pairs, %d validation pairs", data.source, len(data.train), len(data.val))
     return data
 

@@ -4,6 +4,9 @@ Shared by the topic and essay tasks. A task gives a ``normalise(row) -> dict`` t
 task's form or raises :class:`BadRow`; :func:`load_rows` names the file and record of a bad row, and skips it
 (counting) with ``skip_bad_rows``. Source order, first match wins: ``cfg.demo``; ``cfg.train_file``; ``cfg.data`` as
 a local file (when it exists or ends in a data-file suffix); ``cfg.data`` as a hub id; the task's default hub set.
+``cfg.columns`` (``--columns FIELD=COLUMN``) renames the data's columns to the task's fields before ``normalise``
+sees a row; a task raises :class:`MissingField` for a field it cannot find, and the message then says how
+``--columns`` maps one.
 """
 
 from __future__ import annotations
@@ -11,13 +14,20 @@ from __future__ import annotations
 import logging
 import random
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gemma_lowmem.config import DataConfig
-from gemma_lowmem.data.records import SUPPORTED_SUFFIXES, BadRows, load_hub_records, read_records
+from gemma_lowmem.data.records import (
+    SUPPORTED_SUFFIXES,
+    BadRows,
+    check_columns,
+    columns_hint,
+    load_hub_records,
+    read_records,
+)
 from gemma_lowmem.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -28,6 +38,14 @@ Row = dict[str, Any]
 
 class BadRow(ValueError):
     """Raised by a task's ``normalise`` for a row it cannot use; the message names the field and the fix."""
+
+
+class MissingField(BadRow):
+    """A row lacks the task's field ``name``; :func:`normalise_rows` adds how ``--columns`` supplies it."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 @dataclass(frozen=True)
@@ -52,15 +70,16 @@ class LoadedRows:
 
 
 def normalise_rows(rows: list[Any], normalise: Callable[[Row], Row], where: str, skip_bad_rows: bool,
-                   bad_rows: BadRows) -> list[Row]:
+                   bad_rows: BadRows, columns: Mapping[str, str] | None = None) -> list[Row]:
     """Apply ``normalise`` to each row, naming ``where`` and the 1-based record of a bad one.
 
     Args:
-        rows: raw rows (dicts from a file or the hub).
+        rows: raw rows (dicts from a file or the hub), ``columns`` already applied.
         normalise: the task's row function; raises :class:`BadRow`.
         where: the file or hub split, for messages.
         skip_bad_rows: skip and count bad rows instead of raising.
         bad_rows: collects skipped rows.
+        columns: the ``--columns`` mapping, for the hint on a :class:`MissingField`.
 
     Returns:
         The normalised rows, in order.
@@ -74,6 +93,8 @@ def normalise_rows(rows: list[Any], normalise: Callable[[Row], Row], where: str,
             out.append(normalise(row))
         except BadRow as err:
             problem = f"{where}: record {i}: {err}"
+            if isinstance(err, MissingField):
+                problem += f"; {columns_hint(err.name, columns)}"
             if not skip_bad_rows:
                 raise UserError(problem + " (or pass --skip-bad-rows to skip such rows)") from None
             bad_rows.add(problem)
@@ -145,15 +166,16 @@ def is_local(data: str | None) -> bool:
     return data is not None and (Path(data).exists() or Path(data).suffix.lower() in SUPPORTED_SUFFIXES)
 
 
-def load_rows(cfg: DataConfig, normalise: Callable[[Row], Row], *, demo_file: Path, hub: HubSet | None,
-              demo_val_fraction: float = 0.2, holdout_fraction: float = 0.1, group: str | None = None,
-              balance: str | None = None, prepare: Callable[[Path, list[Any]], list[Any]] | None = None
-              ) -> LoadedRows:
+def load_rows(cfg: DataConfig, normalise: Callable[[Row], Row], *, fields: Sequence[str], demo_file: Path,
+              hub: HubSet | None, demo_val_fraction: float = 0.2, holdout_fraction: float = 0.1,
+              group: str | None = None, balance: str | None = None,
+              prepare: Callable[[Path, list[Any]], list[Any]] | None = None) -> LoadedRows:
     """Load, normalise, hold out and limit a task's rows (source order in the module docstring).
 
     Args:
         cfg: the data configuration.
         normalise: the task's row function (raises :class:`BadRow`).
+        fields: every field ``normalise`` reads: what ``cfg.columns`` may map to.
         demo_file: the bundled demo set.
         hub: the default hub set; None: the task has none, and a missing ``--data`` is an error.
         demo_val_fraction: share of the demo set held out.
@@ -166,18 +188,20 @@ def load_rows(cfg: DataConfig, normalise: Callable[[Row], Row], *, demo_file: Pa
     Returns:
         The rows and what was skipped.
     """
+    check_columns(cfg.columns, fields, cfg.task)
     bad = BadRows()
 
     def local(path: str | Path) -> list[Row]:
         path = Path(path)
-        raw = read_records(path, skip_bad_rows=cfg.skip_bad_rows, bad_rows=bad)
-        return normalise_rows(prepare(path, raw) if prepare else raw, normalise, str(path), cfg.skip_bad_rows, bad)
+        raw = read_records(path, skip_bad_rows=cfg.skip_bad_rows, bad_rows=bad, columns=cfg.columns)
+        return normalise_rows(prepare(path, raw) if prepare else raw, normalise, str(path), cfg.skip_bad_rows, bad,
+                              cfg.columns)
 
     def from_hub(chosen: HubSet, split: str, limit: int | None) -> list[Row]:
         # Slicing on the hub side keeps a 287k-row split out of memory.
         split = f"{split}[:{limit}]" if chosen.sliced and limit else split
-        return normalise_rows(load_hub_records(chosen.name, chosen.config, split), normalise,
-                              f"{chosen.name} ({split})", cfg.skip_bad_rows, bad)
+        return normalise_rows(load_hub_records(chosen.name, chosen.config, split, cfg.columns), normalise,
+                              f"{chosen.name} ({split})", cfg.skip_bad_rows, bad, cfg.columns)
 
     val: list[Row] | None = None
     if cfg.demo:

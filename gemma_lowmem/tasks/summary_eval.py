@@ -43,10 +43,17 @@ from typing import Any
 
 from gemma_lowmem.config import DataConfig
 from gemma_lowmem.data.conversation import Conversation, Message
-from gemma_lowmem.data.records import SUPPORTED_SUFFIXES, BadRows, load_hub_records, read_records
+from gemma_lowmem.data.records import (
+    SUPPORTED_SUFFIXES,
+    BadRows,
+    check_columns,
+    columns_hint,
+    load_hub_records,
+    read_records,
+)
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.evaluation.rouge import rouge_pair
-from gemma_lowmem.evaluation.rubric import CRITERIA, render_rubric
+from gemma_lowmem.evaluation.rubric import CRITERIA, SUMMARY_RUBRIC, render_rubric
 from gemma_lowmem.tasks.student_summaries import (
     KINDS,
     ArticleIndex,
@@ -66,6 +73,8 @@ DEMO_FILE = Path(__file__).parents[1] / "data" / "demo" / "summary_demo.jsonl"
 DEMO_VAL_FRACTION = 0.2  # the demo set is small: 1 row in 5 for validation
 HOLDOUT_FRACTION = 0.1  # held out of a training file when no validation file is given
 _HOLDOUT_SEED = 1234  # fixed, so the held-out rows do not move with the training seed
+RUBRIC = SUMMARY_RUBRIC  # the answers' rubric: evaluation decodes it guided
+FIELDS = ("id", "article", "highlights", "lang")  # what --columns may map
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
@@ -92,19 +101,20 @@ class LoadedData:
 
 def _read_local(path: str | Path, cfg: DataConfig, bad_rows: BadRows) -> list[dict[str, Any]]:
     rows = read_records(path, required=("article", "highlights"), text_fields=("article", "highlights"),
-                        skip_bad_rows=cfg.skip_bad_rows, bad_rows=bad_rows)
+                        skip_bad_rows=cfg.skip_bad_rows, bad_rows=bad_rows, columns=cfg.columns)
     return _normalise(rows, Path(path).stem, cfg)
 
 
 def _read_hub(name: str, config: str | None, split: str, cfg: DataConfig, bad_rows: BadRows) -> list[dict[str, Any]]:
     rows = []
-    for i, row in enumerate(load_hub_records(name, config, split)):
+    for i, row in enumerate(load_hub_records(name, config, split, cfg.columns)):
         missing = next((f for f in ("article", "highlights")
                         if not isinstance(row.get(f), str) or not row[f].strip()), None)
         if missing is None:
             rows.append(row)
             continue
-        problem = f"{name} ({split}): row {i}: field '{missing}' is missing or empty"
+        problem = (f"{name} ({split}): row {i}: field '{missing}' is missing or empty; "
+                   f"{columns_hint(missing, cfg.columns)}")
         if not cfg.skip_bad_rows:
             raise UserError(problem + "; pass --skip-bad-rows to skip such rows")
         bad_rows.add(problem)
@@ -149,6 +159,7 @@ def load_data(cfg: DataConfig) -> LoadedData:
     Raises:
         UserError: a missing file or field (named with its file, line and field), or an unreachable hub.
     """
+    check_columns(cfg.columns, FIELDS, cfg.task)
     bad = BadRows()
     val: list[dict[str, Any]] | None = None
     # A data-file suffix means a local file even when missing: "no such file" beats a confusing hub error.
@@ -580,21 +591,29 @@ def summary_request(article: str, lang: str = "ko") -> str:
     return f"Summarize the following article in 3-4 sentences.\n\nArticle:\n{article}"
 
 
-def evaluation_request(reference: str, lang: str = "ko") -> str:
-    """The second user turn: the request to evaluate the summary against the reference summary."""
+def evaluation_request(reference: str | None, lang: str = "ko") -> str:
+    """The second user turn: the request to evaluate the summary against the reference summary, or against the
+    article alone when there is none (an empty reference counts as none)."""
+    if not (reference or "").strip():
+        if lang == "ko":
+            return "위 기사와 비교하여 위 요약을 평가해 주세요. 참고 요약은 없습니다."
+        return "Evaluate the summary above by comparing it with the article. There is no reference summary."
     if lang == "ko":
         return f"아래 참고 요약과 비교하여 위 요약을 평가해 주세요.\n\n참고 요약:\n{reference}"
     return ("Evaluate the summary above by comparing it with the reference summary below.\n\n"
             f"Reference summary:\n{reference}")
 
 
-def evaluation_prompt(article: str, student_summary: str, reference: str, lang: str = "ko") -> list[Message]:
+def evaluation_prompt(article: str, student_summary: str, reference: str | None, lang: str = "ko"
+                      ) -> list[Message]:
     """The messages that ask a trained evaluator to grade a new (article, summary) pair; the answer is left out.
 
     Args:
         article: the article.
         student_summary: the summary to grade.
-        reference: the reference summary (CNN/DailyMail highlights are cleaned to one sentence per line).
+        reference: the reference summary (CNN/DailyMail highlights are cleaned to one sentence per line); None or
+            empty: the request asks to compare with the article alone and shows no reference section (training
+            shows such requests in ``data.no_reference_share`` of its conversations).
         lang: prompt language, ``"ko"`` or ``"en"``.
 
     Returns:
@@ -606,7 +625,7 @@ def evaluation_prompt(article: str, student_summary: str, reference: str, lang: 
         {"role": "system", "content": system_prompt(lang)},
         {"role": "user", "content": summary_request(article, lang)},
         {"role": "assistant", "content": student_summary},
-        {"role": "user", "content": evaluation_request(clean_reference(reference), lang)},
+        {"role": "user", "content": evaluation_request(clean_reference(reference or ""), lang)},
     ]
 
 
@@ -635,7 +654,8 @@ def assign_kinds(n: int, seed: int) -> list[str]:
 
 
 def build_conversation(record: dict[str, Any], other_record: dict[str, Any] | None, lang: str,
-                       rng_or_seed: random.Random | int, kind: str | None = None) -> Conversation:
+                       rng_or_seed: random.Random | int, kind: str | None = None,
+                       show_reference: bool = True) -> Conversation:
     """One training conversation: article, student summary, evaluation request, target rubric.
 
     Args:
@@ -644,9 +664,12 @@ def build_conversation(record: dict[str, Any], other_record: dict[str, Any] | No
         lang: prompt and feedback language, ``"ko"`` or ``"en"``.
         rng_or_seed: a ``random.Random``, or an int seed combined with the article's hash.
         kind: the summary kind (None: drawn from the generator).
+        show_reference: the evaluation request shows the reference; False: the grader sees the article alone
+            (the target is the same: the scores measure the summary against the reference either way).
 
     Returns:
-        The conversation; ``cut`` is the article; ``meta`` holds kind, scores (with total), id, lang and edits.
+        The conversation; ``cut`` is the article; ``meta`` holds kind, scores (with total), id, lang, edits and
+        ``reference`` (shown or not).
     """
     rng = rng_or_seed if isinstance(rng_or_seed, random.Random) else _row_rng(rng_or_seed, record["article"])
     kind = kind or rng.choice(KINDS)
@@ -658,18 +681,22 @@ def build_conversation(record: dict[str, Any], other_record: dict[str, Any] | No
     scores, facts = score_summary(summary, article, reference)
     feedback, suggestions, comments = write_feedback(summary, reference, scores, facts, lang)
     answer = render_rubric({key: scores[key] for key in CRITERIA}, feedback, suggestions, comments, lang)
-    messages = evaluation_prompt(article, summary.text, reference, lang) + [{"role": "assistant", "content": answer}]
-    meta = {"kind": kind, "scores": scores, "id": record.get("id"), "lang": lang, "edits": summary.edits}
+    messages = evaluation_prompt(article, summary.text, reference if show_reference else None, lang)
+    messages.append({"role": "assistant", "content": answer})
+    meta = {"kind": kind, "scores": scores, "id": record.get("id"), "lang": lang, "edits": summary.edits,
+            "reference": show_reference}
     return Conversation(messages=messages, cut=article, meta=meta)
 
 
-def build_conversations(records: list[dict[str, Any]], lang: str, seed: int) -> list[Conversation]:
+def build_conversations(records: list[dict[str, Any]], lang: str, seed: int,
+                        no_reference_share: float = 0.0) -> list[Conversation]:
     """Conversations for a list of rows, kinds assigned by :func:`assign_kinds`.
 
     Args:
         records: rows with ``article`` and ``highlights`` (e.g. from :func:`load_records`).
         lang: prompt and feedback language.
         seed: the seed; each row's summary depends only on the seed, its kind and its article.
+        no_reference_share: this share of the rows (a seeded draw) asks to grade without the reference.
 
     Returns:
         One conversation per row, in order; the off-topic summary of row ``i`` is the reference of row
@@ -677,12 +704,13 @@ def build_conversations(records: list[dict[str, Any]], lang: str, seed: int) -> 
     """
     n = len(records)
     kinds = assign_kinds(n, seed)
+    hidden = set(random.Random(f"{seed}:no-reference").sample(range(n), round(n * no_reference_share)))
     out = []
     for i, (record, kind) in enumerate(zip(records, kinds)):
         other = records[(i + max(1, n // 2)) % n] if n > 1 else None
         if other is not None and other["article"] == record["article"]:
             other = None
-        out.append(build_conversation(record, other, lang, seed, kind=kind))
+        out.append(build_conversation(record, other, lang, seed, kind=kind, show_reference=i not in hidden))
     return out
 
 
@@ -699,7 +727,9 @@ def build_datasets(cfg: DataConfig, seed: int) -> tuple[list[Conversation], list
     data = load_data(cfg)
     _log_bad_rows(data)
     log.info("%s: %d training rows, %d validation rows", data.source, len(data.train), len(data.val))
-    return build_conversations(data.train, cfg.lang, seed), build_conversations(data.val, cfg.lang, seed)
+    share = cfg.no_reference_share
+    return (build_conversations(data.train, cfg.lang, seed, share),
+            build_conversations(data.val, cfg.lang, seed, share))
 
 
 def summary_statistics(conversations: list[Conversation]) -> dict[str, Any]:

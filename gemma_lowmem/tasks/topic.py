@@ -31,7 +31,7 @@ from typing import Any
 from gemma_lowmem.config import DataConfig
 from gemma_lowmem.data.conversation import Conversation, Message
 from gemma_lowmem.evaluation.metrics import classification_metrics
-from gemma_lowmem.tasks.sources import BadRow, HubSet, LoadedRows, Row, load_rows
+from gemma_lowmem.tasks.sources import BadRow, HubSet, LoadedRows, MissingField, Row, load_rows
 from gemma_lowmem.tasks.student_summaries import cut_at_sentence_end
 from gemma_lowmem.tasks.topic_answers import parse_grade, parse_topic
 
@@ -42,6 +42,7 @@ LABELS_KO = ("세계", "스포츠", "경제", "과학/기술")
 HUB = HubSet("fancyzhx/ag_news", None, "train", "test", sliced=False)  # 120k short rows: load, then balance
 DEMO_FILE = Path(__file__).parents[1] / "data" / "demo" / "topic_demo.jsonl"
 MODES = {"topic": "classify", "topic_grade": "grade"}
+FIELDS = ("id", "idx", "text", "title", "description", "label", "label_name", "topic")  # what --columns may map
 
 
 def label_name(label: int, lang: str) -> str:
@@ -95,7 +96,8 @@ def _row_label(row: Row) -> int:
         if label is None:
             raise BadRow(f"field '{key}' is {value!r}, not a topic; use 0-3 or World, Sports, Business, Sci/Tech")
         return label
-    raise BadRow("missing field 'label' (0 World, 1 Sports, 2 Business, 3 Sci/Tech, or a label name)")
+    raise MissingField("label", f"missing field 'label' (0 World, 1 Sports, 2 Business, 3 Sci/Tech, or a label "
+                                f"name) (fields present: {', '.join(row) or 'none'})")
 
 
 def _row_text(row: Row) -> str:
@@ -105,7 +107,8 @@ def _row_text(row: Row) -> str:
     title, description = row.get("title"), row.get("description")
     parts = [clean_news_text(p) for p in (title, description) if isinstance(p, str) and p.strip()]
     if not parts:
-        raise BadRow(f"missing text: give 'text', or 'title' and 'description' (fields present: {', '.join(row)})")
+        raise MissingField("text", "missing text: give 'text', or 'title' and 'description' "
+                                   f"(fields present: {', '.join(row) or 'none'})")
     return "\n".join(parts)
 
 
@@ -138,7 +141,7 @@ def load_data(cfg: DataConfig) -> LoadedRows:
             row_id = "topic-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:10]
         return {"id": str(row_id), "text": text, "label": label}
 
-    data = load_rows(cfg, normalise, demo_file=DEMO_FILE, hub=HUB, demo_val_fraction=0.25, group="label",
+    data = load_rows(cfg, normalise, fields=FIELDS, demo_file=DEMO_FILE, hub=HUB, demo_val_fraction=0.25, group="label",
                      balance="label", prepare=_shift_one_based)
     log.info("%s: %d training rows, %d validation rows", data.source, len(data.train), len(data.val))
     return data

@@ -206,7 +206,7 @@ def test_single_document_matches_transformers_masks(implementation: str) -> None
     total, window = 20, 8
     config = gemma3_config(sliding_window=window, attn_implementation=implementation)
     kwargs = dict(config=config, inputs_embeds=torch.zeros(1, total, 64), attention_mask=None,
-                  past_key_values=None, position_ids=torch.arange(total)[None])
+                  cache=None, position_ids=torch.arange(total)[None])
     ours = packed_attention_masks([[total]], total, sliding_window=window, implementation=implementation)
     assert torch.equal(ours["full_attention"], create_causal_mask(**kwargs, allow_is_causal_skip=False))
     assert torch.equal(ours["sliding_attention"], create_sliding_window_causal_mask(**kwargs))
@@ -218,7 +218,7 @@ def test_packed_rows_match_transformers_packed_sequence_masks() -> None:
     rows, total, window = [[5, 9, 3], [12, 6]], 20, 4
     config = gemma3_config(sliding_window=window, attn_implementation="sdpa")
     kwargs = dict(config=config, inputs_embeds=torch.zeros(2, total, 64), attention_mask=None,
-                  past_key_values=None, position_ids=packed_position_ids(rows, total))
+                  cache=None, position_ids=packed_position_ids(rows, total))
     ours = packed_attention_masks(rows, total, sliding_window=window, implementation="sdpa")
     theirs = {
         "full_attention": create_causal_mask(**kwargs),

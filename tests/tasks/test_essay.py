@@ -390,7 +390,7 @@ def test_validation_is_held_out_per_set_and_limits_balance(tmp_path):
 def test_hub_default_is_aes2_on_a_one_to_six_scale(monkeypatch):
     calls = []
 
-    def fake_hub(name, config, split):
+    def fake_hub(name, config, split, columns=None):
         calls.append((name, config, split))
         return [{"essay_id": f"h{i}", "full_text": GOOD_EN, "score": 1 + i % 6} for i in range(10)]
 
@@ -416,7 +416,7 @@ def test_holdout_and_balanced_limits():
 
 def test_no_default_data_set_is_a_user_error():
     with pytest.raises(UserError, match="has no default data set"):
-        sources.load_rows(DataConfig(task="x"), dict, demo_file=Path("none.jsonl"), hub=None)
+        sources.load_rows(DataConfig(task="x"), dict, fields=(), demo_file=Path("none.jsonl"), hub=None)
 
 
 def test_demo_essays_build():
@@ -553,7 +553,7 @@ def test_writing_data_sources(tmp_path, monkeypatch):
         essay_write.load_data(DataConfig(task="essay_write", data=str(path)))
     calls = []
 
-    def fake_hub(name, config, split):
+    def fake_hub(name, config, split, columns=None):
         calls.append((name, config, split))
         return [{"id": f"{split}{i}", "article": ARTICLE, "highlights": "x"} for i in range(3)]
 

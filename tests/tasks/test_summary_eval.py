@@ -365,7 +365,7 @@ def test_bundled_demo_set_builds():
 def test_hub_splits_are_sliced(monkeypatch):
     calls = []
 
-    def fake_hub(name, config, split):
+    def fake_hub(name, config, split, columns=None):
         calls.append((name, config, split))
         return [ENGLISH[i] | {"id": f"{split}-{i}"} for i in range(4)]
 

@@ -236,7 +236,7 @@ def test_sample_limits_balance_the_labels(tmp_path):
 def test_hub_loads_train_and_test_whole_then_balances(monkeypatch):
     calls = []
 
-    def fake_hub(name, config, split):
+    def fake_hub(name, config, split, columns=None):
         calls.append((name, config, split))
         return [{"text": r["text"], "label": r["label"]} for r in ROWS] * 3
 
