@@ -169,3 +169,28 @@ def test_freed_memory_goes_back_to_the_os_only_when_the_budget_is_tight(tiny_mod
     tight = RunConfig(train=TrainConfig(max_mem=str(int(plan.predicted_peak * 2))))  # fits, but not 3.2x over
     run.plan_budget(str(tiny_model_dir), tight, torch.device("cpu"), keep=())
     assert calls == [True]
+
+
+def test_columns_flag_takes_field_column_pairs_and_round_trips_through_config_json(tmp_path, capsys):
+    parser = build_parser("test")
+    args = parser.parse_args(["--columns", "article=text", "highlights=Reference Summary", "--columns", "id=doc"])
+    cfg = config_from_args(args)
+    assert cfg.data.columns == {"article": "text", "highlights": "Reference Summary", "id": "doc"}
+    cfg.save(tmp_path / "c.json")
+    assert RunConfig.load(tmp_path / "c.json").data.columns == cfg.data.columns  # a resumed run maps the same
+    assert RunConfig().data.columns == {}
+    for bad, needle in ((["--columns", "article"], "expects KEY=VALUE pairs such as article=text, got 'article'"),
+                        (["--columns", "=text"], "got '=text'"),
+                        (["--columns", "a=b", "a=c"], "names 'a' twice (a=b, a=c)")):
+        with pytest.raises(SystemExit):
+            build_parser("test").parse_args(bad)
+        assert needle in capsys.readouterr().err
+
+
+def test_columns_in_a_config_file_are_checked(tmp_path, capsys, monkeypatch):
+    for value, needle in (([["article", "text"]], "data.columns=[['article', 'text']] has the wrong type"),
+                          ({"article": ""}, "columns: 'article'='' must map a field name to a column name")):
+        config = tmp_path / "run.json"
+        config.write_text(json.dumps({"data": {"columns": value}}))
+        code, err = run_train(["--config", str(config)], capsys, monkeypatch)
+        assert_one_error_line(code, err, needle)
