@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import shlex
 import sys
 from pathlib import Path
 
@@ -194,3 +195,112 @@ def test_columns_in_a_config_file_are_checked(tmp_path, capsys, monkeypatch):
         config.write_text(json.dumps({"data": {"columns": value}}))
         code, err = run_train(["--config", str(config)], capsys, monkeypatch)
         assert_one_error_line(code, err, needle)
+
+
+# ------------------------------------------------------------------------------- where the run's outputs are
+
+
+def train_to_the_end(argv: list[str], capsys, monkeypatch) -> str:
+    """scripts/train.py in-process, expected to finish (exit code 0); its stdout."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        runpy.run_path(str(ROOT / "scripts" / "train.py"), run_name="__main__")
+    except SystemExit as exit_info:
+        assert exit_info.code in (0, None), capsys.readouterr().err[-2000:]
+    return capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    from gemma_lowmem.tasks.summary_eval import DEMO_FILE
+
+    rows = [json.loads(line) for line in DEMO_FILE.read_text(encoding="utf-8").splitlines()[:6]]
+    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
+    path.write_text("".join(json.dumps({"article": r["article"], "highlights": r["highlights"]}) + "\n"
+                            for r in rows), encoding="utf-8")
+    return path
+
+
+def run_flags(model: Path, data: Path, run: Path, *extra: str) -> list[str]:
+    return ["--model", str(model), "--quant", "none", "--train-file", str(data), "--val-file", str(data),
+            "--lang", "en", "--max-article-length", "300", "--max-val-samples", "2", "--batch-size", "1",
+            "--grad-accum", "1", "--eval-every", "1", "--save-every", "1", "--output-dir", str(run),
+            "--cache-dir", str(run.parent / "cache"), *extra]
+
+
+def printed(out: str) -> dict[str, str]:
+    """The end-of-run block: its first line under "run", then each "name: value" line."""
+    lines = out[out.rindex("\nrun ") + 1:].splitlines()
+    block = {"run": lines[0]}
+    for line in lines[1:]:
+        name, _, value = line.strip().partition(": ")
+        block[name.split(" (")[0]] = value.strip()
+    return block
+
+
+def test_a_finished_run_prints_its_adapter_report_summary_and_a_resume_command_that_works(
+        tiny_model_dir, small_data, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    out = train_to_the_end(run_flags(tiny_model_dir, small_data, run, "--max-steps", "2", "--evaluate",
+                                     "--max-new-tokens", "4"), capsys, monkeypatch)
+    block = printed(out)
+    assert block["run"] == f"run finished: {run}"
+    assert (Path(block["adapter"]) / "adapter_config.json").is_file() and Path(block["adapter"]) == run / "adapter"
+    assert (Path(block["best adapter"]) / "adapter_config.json").is_file()
+    assert Path(block["report"]) == run / "eval" / "report.md" and Path(block["report"]).is_file()
+    assert json.loads(Path(block["summary"]).read_text())["stopped"] == "max_steps"
+    command = shlex.split(block["resume"])
+    assert command[:2] == ["python", "scripts/train.py"]
+    # The printed command resumes this run from its last checkpoint (with one more step to train).
+    out = train_to_the_end([*command[2:], "--max-steps", "3", "--no-evaluate"], capsys, monkeypatch)
+    assert f"resumed from {run / 'checkpoints' / 'step-000002'} at step 2" in out
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    assert printed(out)["report"].startswith("none (evaluation off); write one with: python scripts/evaluate.py "
+                                             f"--adapter {run / 'adapter'}")
+
+
+def test_an_early_stopped_run_prints_where_things_are(tiny_model_dir, small_data, tmp_path, capsys, monkeypatch):
+    from gemma_lowmem import train
+
+    losses = iter(range(1, 100))  # validation loss that only rises: patience 1 stops at the second validation
+    monkeypatch.setattr(train, "evaluate_loss", lambda *args, **kwargs: float(next(losses)))
+    run = tmp_path / "run"
+    out = train_to_the_end(run_flags(tiny_model_dir, small_data, run, "--max-steps", "10",
+                                     "--early-stopping-patience", "1"), capsys, monkeypatch)
+    block = printed(out)
+    assert block["run"] == f"run stopped early (validation loss stopped improving): {run}"
+    assert json.loads(Path(block["summary"]).read_text())["steps"] == 2
+    assert Path(block["adapter"]).is_dir() and Path(block["best adapter"]).is_dir()
+    assert block["resume"] == f"python scripts/train.py --config {run / 'config.json'} --resume {run}"
+
+
+def test_a_run_stopped_by_a_signal_prints_where_things_are_and_skips_evaluation(
+        tiny_model_dir, small_data, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    import torch
+
+    from gemma_lowmem import train
+
+    calls = {"n": 0}
+    real_loss = train.sft_loss
+
+    def loss_that_signals(model, batch, **kwargs):
+        calls["n"] += torch.is_grad_enabled()  # training micro-batches only
+        if torch.is_grad_enabled() and calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop finishes step 2, checkpoints it and stops
+        return real_loss(model, batch, **kwargs)
+
+    monkeypatch.setattr(train, "sft_loss", loss_that_signals)
+    run = tmp_path / "run with space"
+    out = train_to_the_end(run_flags(tiny_model_dir, small_data, run, "--max-steps", "10", "--evaluate"), capsys,
+                           monkeypatch)
+    block = printed(out)
+    assert block["run"] == f"run stopped by a signal (the last step is checkpointed): {run}"
+    assert block["report"].startswith("none (stopped by a signal)") and not (run / "eval").exists()
+    assert json.loads(Path(block["summary"]).read_text())["stopped"] == "signal"
+    assert shlex.split(block["resume"]) == ["python", "scripts/train.py", "--config", str(run / "config.json"),
+                                            "--resume", str(run)]
+    assert (run / "checkpoints" / "step-000002").is_dir()
