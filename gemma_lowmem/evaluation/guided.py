@@ -194,7 +194,7 @@ def rubric_answers(
     lang: str = "ko",
     mode: str = "guided",
     max_new_tokens: int = 384,
-    slot_tokens: Mapping[str, int] = SLOT_TOKENS,
+    slot_tokens: Mapping[str, int] | None = None,
     batch_size: int = 8,
     show_progress: bool = True,
     autocast: Autocast = contextlib.nullcontext,
@@ -209,7 +209,8 @@ def rubric_answers(
         lang: the answer's language (one of ``spec.titles``).
         mode: ``free``, ``guided`` or ``scores`` (see the module docstring).
         max_new_tokens: ``free`` mode's longest answer.
-        slot_tokens: ``guided`` mode's cap per free-text slot kind (``comment``, ``feedback``, ``suggestions``).
+        slot_tokens: ``guided`` mode's cap per free-text slot kind (``comment``, ``feedback``, ``suggestions``);
+            default :data:`SLOT_TOKENS`.
         batch_size: prompts per batch (sorted by length).
         show_progress: show a progress bar.
         autocast: zero-argument callable returning the context manager of every forward (training's
@@ -231,8 +232,8 @@ def rubric_answers(
     model.eval()
     bar = tqdm(total=len(prompts), desc=f"grading ({mode})", unit="prompt", disable=not show_progress, leave=False)
     for batch in length_sorted_batches([len(i) for i in ids], batch_size):
-        done = _guided_batch(model, tokenizer, [ids[i] for i in batch], template, spec, lang, mode, slot_tokens,
-                             autocast)
+        done = _guided_batch(model, tokenizer, [ids[i] for i in batch], template, spec, lang, mode,
+                             slot_tokens or SLOT_TOKENS, autocast)
         for i, answer in zip(batch, done):
             answers[i] = answer
         bar.update(len(batch))

@@ -668,8 +668,7 @@ def build_conversation(record: dict[str, Any], other_record: dict[str, Any] | No
             (the target is the same: the scores measure the summary against the reference either way).
 
     Returns:
-        The conversation; ``cut`` is the article; ``meta`` holds kind, scores (with total), id, lang, edits and
-        ``reference`` (shown or not).
+        The conversation; ``cut`` is the article; ``meta`` holds kind, scores (with total), id, lang and edits.
     """
     rng = rng_or_seed if isinstance(rng_or_seed, random.Random) else _row_rng(rng_or_seed, record["article"])
     kind = kind or rng.choice(KINDS)
@@ -683,8 +682,7 @@ def build_conversation(record: dict[str, Any], other_record: dict[str, Any] | No
     answer = render_rubric({key: scores[key] for key in CRITERIA}, feedback, suggestions, comments, lang)
     messages = evaluation_prompt(article, summary.text, reference if show_reference else None, lang)
     messages.append({"role": "assistant", "content": answer})
-    meta = {"kind": kind, "scores": scores, "id": record.get("id"), "lang": lang, "edits": summary.edits,
-            "reference": show_reference}
+    meta = {"kind": kind, "scores": scores, "id": record.get("id"), "lang": lang, "edits": summary.edits}
     return Conversation(messages=messages, cut=article, meta=meta)
 
 
