@@ -683,7 +683,7 @@ def plan_run(cfg: RunConfig, model_config: Any, device: torch.device, keep: Coll
     autocast = resolve_precision(device, train.precision).dtype
     return plan_memory(
         model_config, budget=train.max_mem, quant=cfg.model.quant,
-        dtype_bytes=torch.finfo(weight_dtype(device, cfg.model.dtype)).bits // 8, lora_r=cfg.lora.r,
+        dtype_bytes=torch.finfo(weight_dtype(device, cfg.model.dtype, train.precision)).bits // 8, lora_r=cfg.lora.r,
         lora_targets=cfg.lora.target_modules, max_seq_length=seq, global_batch_tokens=train.batch_size
         * train.grad_accum * seq, device_type=device.type, task_factor=task_factor(cfg.data.task),
         act_bytes=torch.finfo(autocast).bits // 8 if autocast else 4, embeddings=embeddings_mode(cfg.model),

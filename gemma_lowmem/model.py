@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from bitsandbytes.nn import Linear8bitLt
@@ -153,12 +155,12 @@ class Int8TiedHead(torch.nn.Module):
         return int8_linear(hidden, self.table.q, self.table.scale)
 
 
-def _quantize_tied_embedding(model: PreTrainedModel, dtype: torch.dtype) -> None:
+def _quantize_tied_embedding(model: PreTrainedModel, dtype: torch.dtype, device: torch.device) -> None:
     # Gemma's tied 262k-row embedding is 0.6 GiB (270M) to 2 GiB (E2B) in fp32; as int8 rows it is a quarter of that.
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     if not isinstance(embedding, torch.nn.Embedding) or head is None or head.weight is not embedding.weight:
         return  # not tied: an untied head would need its own int8 copy, and gathering rows saves little alone
-    table = Int8Embedding.from_embedding(embedding, dtype=dtype)
+    table = Int8Embedding.from_embedding(embedding, dtype=dtype, table_device=device)
     model.set_input_embeddings(table)
     model.set_output_embeddings(Int8TiedHead(table))
 
@@ -170,15 +172,19 @@ def use_int8_kernels(model: torch.nn.Module) -> None:
             module.__class__ = FrozenInt8Linear
 
 
-def _quantization_config(quant: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+def _quantization_config(quant: str, compute_dtype: torch.dtype, big_tables: Sequence[str] = ()
+                         ) -> BitsAndBytesConfig | None:
+    # The big tables by full name too: bitsandbytes refuses a device map that puts modules it would quantize on the
+    # CPU, and it checks the map's names against this list.
+    skip = [*INT8_SKIP_MODULES, *big_tables]
     if quant == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(INT8_SKIP_MODULES))
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     if quant == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=compute_dtype,
-            llm_int8_skip_modules=list(INT8_SKIP_MODULES),
+            llm_int8_skip_modules=skip,
         )
     return None
 
@@ -199,34 +205,80 @@ def _text_only(path: str) -> dict:
     return {"config": text_config, "key_mapping": {r"^(?:model\.)?language_model\.(?:model\.)?": "model."}}
 
 
-def load_base_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
+def _big_tables(model_config: Any, tied: bool) -> list[str]:
+    """Module names of the tables that turn int8 after loading: Gemma 3n's per-layer table, a tied embedding."""
+    names = ["model.embed_tokens_per_layer"] if getattr(model_config, "vocab_size_per_layer_input", None) else []
+    return names + (["model.embed_tokens", "lm_head"] if tied else [])
+
+
+def _load_dtype(model_config: Any, dtype: torch.dtype) -> torch.dtype:
+    """Read the weights in the checkpoint's dtype when it is narrower than ``dtype`` (bf16 into an fp32 run): the
+    big tables are read once, to be quantized, and half the bytes is half the load peak; no value changes."""
+    stored = getattr(model_config, "dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    if isinstance(stored, torch.dtype) and stored.is_floating_point and stored.itemsize < dtype.itemsize:
+        return stored
+    return dtype
+
+
+def device_map_for(device: torch.device, big_tables: Sequence[str]) -> dict[str, Any]:
+    """Where ``from_pretrained`` puts each module: ``device``, but the big tables on the CPU when training on a GPU.
+
+    They are quantized from there a chunk at a time straight into their int8 place, so their float copies never
+    reach the GPU (E2B's per-layer table is 3.75 GiB in fp16: loaded on the GPU it alone broke an 8 GB budget).
+    """
+    if device.type != "cuda":
+        return {"": "cpu"}
+    return {"": device.index or 0, **{name: "cpu" for name in big_tables}}
+
+
+def _cast_float_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    # Parameters only: int8 weights are not floating point, and float buffers (rotary frequencies) keep theirs.
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def load_base_model(cfg: ModelConfig, device: torch.device, precision: str = "auto") -> PreTrainedModel:
     """Load the frozen base model, quantized as ``cfg.quant`` says, on ``device``.
 
+    The big embedding tables are read onto the CPU (on a GPU) and quantized into int8 on their final device a
+    chunk at a time; the other float weights are read in the checkpoint's dtype and cast afterwards.
+
+    Args:
+        cfg: the model section of the run config.
+        device: where the model trains.
+        precision: the run's ``--precision`` (the float weights follow it: :func:`device.weight_dtype`).
+
     Returns:
-        The causal LM with every parameter frozen, non-quantized weights in bf16 (fp16 on GPUs without bf16).
+        The causal LM with every parameter frozen.
     """
     path = resolve_model_path(cfg.model)
-    dtype = weight_dtype(device, cfg.dtype)
+    dtype = weight_dtype(device, cfg.dtype, precision)
     kwargs = _text_only(path)
-    quant = _quantization_config(cfg.quant, dtype)
+    config = kwargs["config"]
+    tables = _big_tables(config, bool(getattr(config, "tie_word_embeddings", False))) if cfg.int8_embeddings else []
+    quant = _quantization_config(cfg.quant, dtype, tables)
     if quant is not None:
-        kwargs.update(quantization_config=quant, device_map={"": device.index or 0} if device.type == "cuda" else "cpu")
+        kwargs.update(quantization_config=quant, device_map=device_map_for(device, tables))
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=cfg.attn_implementation, **kwargs
+            path, dtype=_load_dtype(config, dtype), attn_implementation=cfg.attn_implementation, **kwargs
         )
     except OSError as err:
         raise UserError(offline_hint(path, err)) from None
-    if quant is None:
-        model.to(device)
     model.requires_grad_(False)
     use_int8_kernels(model)
     if cfg.int8_embeddings:
-        _quantize_tied_embedding(model, dtype)
+        _quantize_tied_embedding(model, dtype, device)
         on_cpu = cfg.embeddings_on_cpu or cfg.embeddings_on_disk
         table_file = CACHE / "tables" / f"{hashlib.sha256(path.encode()).hexdigest()[:16]}-per-layer.int8"
         _quantize_per_layer_embeddings(model, dtype, torch.device("cpu") if on_cpu else device,
                                        table_file if cfg.embeddings_on_disk else None)
+    _cast_float_weights(model, dtype)
+    if quant is None:
+        model.to(device)  # the int8 tables are already in place: Int8Embedding ignores whole-model moves
     return model
 
 

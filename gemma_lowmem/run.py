@@ -21,7 +21,7 @@ from gemma_lowmem.checkpoint import find_checkpoint
 from gemma_lowmem.config import RunConfig
 from gemma_lowmem.data.conversation import Conversation
 from gemma_lowmem.data.tokenize import EncodedSet, encode_conversations
-from gemma_lowmem.device import default_device
+from gemma_lowmem.device import default_device, resolve_precision
 from gemma_lowmem.distributed import current_ranks, init_distributed
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.evaluate import evaluate_model, evaluate_systems
@@ -132,7 +132,7 @@ def setup(cfg: RunConfig, keep: Collection[str] = ()) -> Prepared:
     conversations = None if prepare else task.build_datasets(cfg.data, cfg.train.seed)
     print(f"model {cfg.model.model} -> {model_path}")
     tokenizer = load_tokenizer(model_path)
-    base = load_base_model(cfg.model, device)
+    base = load_base_model(cfg.model, device, cfg.train.precision)
     torch.manual_seed(cfg.train.seed)  # LoRA init from the seed, whatever loading consumed
     model = add_lora(base, cfg.lora, cfg.train.gradient_checkpointing)
     trainable, total = count_parameters(model)
@@ -174,17 +174,20 @@ def train_from_config(cfg: RunConfig, keep: Collection[str] = ()) -> tuple[Prepa
 
 
 def evaluate_after_training(cfg: RunConfig, prepared: Prepared) -> Path | None:
-    """Generate answers for the validation conversations with the base model (adapter off) and the trained
-    adapter, score them with the task's metrics and write ``eval/report.md``; None when the task has no
-    generation metrics or there is no validation data."""
+    """Answer the validation conversations with the base model (adapter off) and the trained adapter, score them
+    with the task's metrics and write ``eval/report.md``; None when the task has no generation metrics or there
+    is no validation data. A rubric task answers in ``eval.mode`` (guided by default: every answer valid, each
+    score with its expected value), under training's autocast."""
     task = get_task(cfg.data.task)
     if not (hasattr(task, "score_outputs") and prepared.val_conversations):
         return None
+    autocast = resolve_precision(next(prepared.model.parameters()).device, cfg.train.precision).autocast
 
     def evaluate(model: torch.nn.Module) -> dict[str, Any]:
         return evaluate_model(
             model, prepared.tokenizer, prepared.val_conversations, task, max_new_tokens=cfg.eval.max_new_tokens,
             batch_size=cfg.eval.gen_batch_size, system_role=cfg.model.system_role, examples=cfg.eval.report_examples,
+            mode=cfg.eval.mode, autocast=autocast,
         )
 
     systems = evaluate_systems(prepared.model, True, evaluate)

@@ -315,21 +315,45 @@ class Int8Embedding(nn.Module):
         if module.max_norm is not None:
             raise ValueError(f"max_norm={module.max_norm}: renormalising rows in place is not supported by the "
                              "frozen int8 table; set max_norm=None")
-        if table_file is not None:
-            _check_cpu_table(table_device, table_file)
-            table_device = "cpu"
         # Gemma's scaled embeddings keep the float in scalar_embed_scale and a 0-d buffer in embed_scale
         embed_scale = getattr(module, "scalar_embed_scale", getattr(module, "embed_scale", None))
         if isinstance(embed_scale, torch.Tensor):
             embed_scale = embed_scale.item()  # host sync, once at conversion
-        out = cls(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
-                  embed_scale=embed_scale, dtype=dtype or weight.dtype,
-                  table_device=weight.device if table_device is None else table_device)
+        return cls.from_rows(lambda start, end: weight[start:end], module.num_embeddings, module.embedding_dim,
+                             padding_idx=module.padding_idx, embed_scale=embed_scale, dtype=dtype or weight.dtype,
+                             table_device=weight.device if table_device is None else table_device,
+                             chunk_rows=chunk_rows, table_file=table_file)
+
+    @classmethod
+    def from_rows(cls, read_rows: Callable[[int, int], torch.Tensor], num_embeddings: int, embedding_dim: int, *,
+                  padding_idx: int | None = None, embed_scale: float | None = None,
+                  dtype: torch.dtype = torch.bfloat16, table_device: torch.device | str = "cpu",
+                  chunk_rows: int | None = None, table_file: str | os.PathLike | None = None) -> Int8Embedding:
+        """Quantize a float table that ``read_rows(start, end)`` hands over a chunk of rows at a time.
+
+        The rows may live anywhere (another device, a file): only one chunk is ever read and copied to fp32, and
+        each chunk is quantized straight into the table on ``table_device`` (or into ``table_file``), so moving a
+        float table from the CPU to a GPU this way never puts its float copy on the GPU.
+
+        Args:
+            read_rows: ``read_rows(start, end) -> (end - start, D)`` float rows [start, end).
+            num_embeddings, embedding_dim, padding_idx, embed_scale, dtype, table_device: as in the constructor.
+            chunk_rows: rows read at a time; None keeps the fp32 temporaries near 64 MiB.
+            table_file: as in :meth:`from_embedding`.
+
+        Returns:
+            The filled int8 embedding.
+        """
+        if table_file is not None:
+            _check_cpu_table(table_device, table_file)
+            table_device = "cpu"
+        out = cls(num_embeddings, embedding_dim, padding_idx=padding_idx, embed_scale=embed_scale, dtype=dtype,
+                  table_device=table_device)
 
         def quantize_chunk(start: int, end: int, q_out: torch.Tensor, scale_out: torch.Tensor) -> None:
-            _quantize_into(weight[start:end], q_out, scale_out)
+            _quantize_into(read_rows(start, end).to(q_out.device), q_out, scale_out)
 
-        return out._fill(_rows_per_chunk(module.embedding_dim, chunk_rows), quantize_chunk, table_file)
+        return out._fill(_rows_per_chunk(embedding_dim, chunk_rows), quantize_chunk, table_file)
 
     @classmethod
     def random(cls, num_embeddings: int, embedding_dim: int, std: float = 1.0,

@@ -28,10 +28,13 @@ def _dtypes(device: str, dtype: str, precision: str) -> tuple[torch.dtype, torch
     """(frozen weights' dtype, activations' dtype) as a run on ``device`` would pick them."""
     target = default_device() if device == "auto" else torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
-        # Planning for a GPU from a machine without one: assume a bf16 GPU (Ampere or newer) unless told.
-        weights = DTYPES["bf16" if dtype == "auto" else dtype]
-        return weights, DTYPES[precision] if precision in DTYPES else weights
-    weights = weight_dtype(target, dtype)
+        # Planning for a GPU from a machine without one: assume a bf16 GPU (Ampere or newer) unless told; under
+        # fp16 (a T4) the float weights are fp32, as weight_dtype picks them.
+        autocast = DTYPES["bf16" if precision == "auto" else precision]
+        if dtype != "auto":
+            return DTYPES[dtype], autocast
+        return (torch.bfloat16 if autocast == torch.bfloat16 else torch.float32), autocast
+    weights = weight_dtype(target, dtype, precision)
     return weights, resolve_precision(target, precision).dtype or torch.float32
 
 
