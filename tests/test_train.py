@@ -179,7 +179,8 @@ def oom_above(rows: int):
 
 
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_objective(tmp_path):
-    cfg = TrainConfig(max_steps=3, lr=5e-3, batch_size=4, grad_accum=2, eval_every=0, save_every=0, packing=False)
+    cfg = TrainConfig(max_steps=3, lr=5e-3, batch_size=4, grad_accum=2, eval_every=0, save_every=0, packing=False,
+                      precision="fp32")  # exact arithmetic: under bf16 autocast a split changes rounding
     data = examples(24, seed=5)
     runs = {}
     for name, loss_fn in (("plain", None), ("oom", oom_above(1))):
