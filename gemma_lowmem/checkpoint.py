@@ -247,7 +247,8 @@ def load_checkpoint(folder: Path, model: torch.nn.Module) -> dict[str, Any]:
     """
     try:
         result = set_peft_model_state_dict(model, load_file(folder / ADAPTER_FILE))
-        state = torch.load(folder / STATE_FILE, weights_only=False)
+        # on the CPU first: a GPU-saved checkpoint resumes on a CPU, and torchrun ranks do not all land on cuda:0
+        state = torch.load(folder / STATE_FILE, weights_only=False, map_location="cpu")
     except (OSError, RuntimeError, KeyError, SafetensorError) as err:
         raise UserError(f"--resume {folder}: checkpoint is unreadable or does not fit the model ({err})") from None
     missing = [k for k in result.missing_keys if "lora_" in k]

@@ -361,7 +361,7 @@ def cached_reference_logps(
     if cache_dir is not None:
         path = Path(cache_dir) / f"ref-logps-{reference_cache_key(examples, settings)}.pt"
         if path.is_file():
-            cached = torch.load(path)
+            cached = torch.load(path, map_location="cpu")  # a cache written on a GPU loads anywhere
             if cached.shape == (len(examples), 2):
                 return cached, True
     logps = reference_logps(model, examples, collate_fn, **kwargs)

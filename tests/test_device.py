@@ -126,3 +126,21 @@ def test_fp16_training_on_the_cpu_runs_the_grad_scaler(tmp_path):
     scales = [r["loss_scale"] for r in records if "loss_scale" in r]
     assert scales and all(s >= 1.0 for s in scales)  # the scaler ran (fp16 only logs it)
     assert math.isfinite(result.final_loss)
+
+
+def test_checkpoint_state_loads_onto_the_cpu_whatever_device_saved_it(tmp_path, monkeypatch):
+    from gemma_lowmem import checkpoint
+    from tests.test_train import examples, lora_model
+
+    cfg = TrainConfig(max_steps=1, batch_size=2, eval_every=0, save_every=1, packing=False, precision="fp32")
+    fit(lora_model("gemma3"), examples(4), [], cfg, run_dir=tmp_path, pad_id=0, show_progress=False)
+    seen = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("map_location"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "load", spy)
+    checkpoint.load_checkpoint(checkpoint.find_checkpoint(tmp_path), lora_model("gemma3"))
+    assert seen == ["cpu"]  # a Colab checkpoint resumes on a CPU; torchrun ranks do not all land on cuda:0

@@ -161,7 +161,7 @@ def encode_conversations(
     if cache_dir is not None:
         path = Path(cache_dir) / f"tokens-{_cache_key(tokenizer, conversations, max_seq_length, system_role)}.pt"
         if path.is_file():
-            return EncodedSet(**torch.load(path))
+            return EncodedSet(**torch.load(path, map_location="cpu"))
     result = EncodedSet(examples=[])
     for i, conv in enumerate(tqdm(conversations, desc=desc, unit="conv", leave=False)):
         example, was_cut = _encode_fitting(tokenizer, conv, max_seq_length, system_role)
