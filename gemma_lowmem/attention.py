@@ -12,6 +12,8 @@ and the matching mask-interface entry makes the model build the standard sdpa ma
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
@@ -46,6 +48,7 @@ def packed_sdpa(
     scaling: float | None = None,
     sliding_window: int | None = None,
     dropout: float = 0.0,
+    runs: Sequence[Sequence[tuple[int, int]]] | None = None,
 ) -> torch.Tensor:
     """Causal attention within each document of packed rows, SDPA per document.
 
@@ -60,6 +63,8 @@ def packed_sdpa(
         scaling: softmax scale (None: 1 / sqrt(D)).
         sliding_window: a key k is visible to query q only if q - sliding_window < k (None: no window).
         dropout: attention dropout probability.
+        runs: per row the ``(document id, length)`` runs of ``seg``, known on the host (``collate`` passes them as
+            ``document_runs``); None reads them off ``seg``, a host sync per row.
 
     Returns:
         (B, Hq, T, D), the attention output.
@@ -68,7 +73,7 @@ def packed_sdpa(
     rows = []
     for b in range(query.shape[0]):
         pieces, start = [], 0
-        for doc, n in _row_runs(seg[b]):
+        for doc, n in runs[b] if runs is not None else _row_runs(seg[b]):
             end = start + n
             q, k, v = query[b : b + 1, :, start:end], key[b : b + 1, :, start:end], value[b : b + 1, :, start:end]
             mask = None  # (n, n) or (n, end) bool when a plain causal mask is not the rule
@@ -109,11 +114,13 @@ def packed_sdpa_attention_forward(
         dropout: attention dropout probability.
         scaling: softmax scale.
         sliding_window: the layer's window (None on full-attention layers).
-        **kwargs: passed on to transformers' sdpa for unpacked calls.
+        **kwargs: ``document_runs`` (see :func:`packed_sdpa`'s ``runs``); the rest goes on to transformers' sdpa for
+            unpacked calls.
 
     Returns:
         ((B, T, Hq, D) output, None): the layout of ``sdpa_attention_forward``.
     """
+    runs = kwargs.pop("document_runs", None)  # from collate, through the model's forward kwargs
     # The model turns a 2D padding mask into 4D (or None) before any layer, so a 2D long mask here is document ids.
     is_doc_ids = (
         isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and attention_mask.dtype == torch.long
@@ -122,7 +129,7 @@ def packed_sdpa_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
     out = packed_sdpa(query, key, value, attention_mask, scaling=scaling, sliding_window=sliding_window,
-                      dropout=dropout)
+                      dropout=dropout, runs=runs)
     return out.transpose(1, 2).contiguous(), None
 
 

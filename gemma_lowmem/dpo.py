@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from gemma_lowmem.data.collate import IGNORE_INDEX, collate
+from gemma_lowmem.data.collate import IGNORE_INDEX, collate, to_device
 from gemma_lowmem.loss import token_losses
 
 LOSS_KINDS = ("sigmoid", "ipo")
@@ -260,12 +260,6 @@ def sequence_logps(
     return sums.index_add(0, index.flatten(), -ce.flatten())[:num_sequences]
 
 
-def _on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    # Packed masks come as a dict {"full_attention", "sliding_attention"} of tensors.
-    return {k: {n: m.to(device) for n, m in v.items()} if isinstance(v, dict) else v.to(device)
-            for k, v in batch.items()}
-
-
 def _reference_mode(model: torch.nn.Module) -> AbstractContextManager:
     # The reference is the base without the adapter; a model without an adapter is its own reference.
     return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
@@ -308,7 +302,7 @@ def reference_logps(
             bar = tqdm(total=len(examples), desc="reference log-probs", unit="pair", disable=not show_progress)
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
-                batch = _on_device(collate_fn([[examples[i]] for i in chunk]), device)
+                batch = to_device(collate_fn([[examples[i]] for i in chunk]), device)
                 with autocast():
                     logps = sequence_logps(model, batch, 2 * len(chunk), chunked=chunked, chunk_size=chunk_size)
                 out[chunk] = logps.float().view(-1, 2).cpu()  # host sync: once per reference batch, before training
@@ -476,7 +470,7 @@ def evaluate_pairs(
     model.eval()
     try:
         for start in range(0, len(examples), batch_size):
-            batch = _on_device(collate_fn([[ex] for ex in examples[start:start + batch_size]]), device)
+            batch = to_device(collate_fn([[ex] for ex in examples[start:start + batch_size]]), device)
             with autocast():
                 loss, metrics = loss_fn(model, batch)
             for name, value in {"loss": loss, **metrics}.items():

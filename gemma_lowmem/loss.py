@@ -42,7 +42,7 @@ def lm_parts(model: torch.nn.Module) -> LMParts:
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """The keys of a collated batch that the model's forward takes."""
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "document_runs") if k in batch}
 
 
 def token_losses(

@@ -36,7 +36,7 @@ from gemma_lowmem.checkpoint import (
     set_rng_state,
 )
 from gemma_lowmem.config import TrainConfig
-from gemma_lowmem.data.collate import collate
+from gemma_lowmem.data.collate import collate, to_device
 from gemma_lowmem.data.sampler import plan_epoch
 from gemma_lowmem.device import resolve_precision
 from gemma_lowmem.distributed import Ranks, init_distributed, wrap_ddp
@@ -116,18 +116,6 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, dict):  # packed attention masks: {"full_attention": ..., "sliding_attention": ...}
-            moved[key] = {k: v.to(device, non_blocking=True) for k, v in value.items()}
-        elif isinstance(value, torch.Tensor):
-            moved[key] = value.to(device, non_blocking=True)
-        else:
-            moved[key] = value
-    return moved
-
-
 def _micro_batches(plan_for: Callable[..., list], epoch: int, index: int) -> Iterator[tuple[int, int, list]]:
     """Endless stream of (epoch, index, rows) starting at a saved position; epochs follow each other."""
     while True:
@@ -197,7 +185,7 @@ def backward_window(
         last = i == len(window) - 1
         with ddp.no_sync() if ddp is not None and not last else nullcontext():
             with precision.autocast():
-                loss_sum, metrics = _split(forward(_to_device(batch, device)))
+                loss_sum, metrics = _split(forward(to_device(batch, device)))
             scaler.scale(loss_sum / denominator).backward()
         window_loss += loss_sum.detach().float()
         for name, value in metrics.items():
@@ -226,7 +214,7 @@ def evaluate_loss(
     total, count = torch.zeros((), device=device), 0
     for batch in batches:
         with precision.autocast():
-            total += _split(loss_fn(model, _to_device(batch, device)))[0].float()
+            total += _split(loss_fn(model, to_device(batch, device)))[0].float()
         count += int(batch["num_loss_tokens"])  # a CPU tensor: no device sync
     model.train(was_training)
     sums = ranks.sum(torch.stack([total.double(), torch.tensor(count, dtype=torch.float64, device=device)]))

@@ -112,3 +112,45 @@ def test_register_is_idempotent_and_switches_peft_models() -> None:
     assert model.get_base_model().config._attn_implementation == PACKED_SDPA
     with pytest.raises(TypeError, match="Linear"):
         use_packed_attention(torch.nn.Linear(2, 2))
+
+
+class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that copy a tensor's value to the host (``.item()``, ``.tolist()``, ``bool(t)``) and
+    the run-length op the fallback reads document boundaries with."""
+
+    SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.unique_consecutive.default}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.SYNCS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_collate_hands_document_runs_down_so_packed_layers_make_no_host_sync(checkpointing, monkeypatch):
+    from gemma_lowmem import attention
+    from gemma_lowmem.data.collate import collate
+    from gemma_lowmem.loss import sft_loss
+
+    register()
+    model = tiny_gemma3(layers=4, attn_implementation=PACKED_SDPA).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    gen = torch.Generator().manual_seed(0)
+    rows = [[{"input_ids": ids, "labels": ids} for ids in (torch.randint(6, 900, (n,), generator=gen).tolist()
+                                                           for n in row)] for row in ROWS]
+    batch = collate(rows, pad_id=0, packed=True, sliding_window=8, attn_implementation=PACKED_SDPA)
+    width = batch["input_ids"].shape[1]
+    assert batch["document_runs"] == (((0, 13), (1, 1), (2, 22), (3, 5)), ((0, 31), (1, 7), (-1, width - 38)))
+    with_runs = sft_loss(model, batch)
+    syncs = _HostSyncs()
+    with syncs:
+        sft_loss(model, batch).backward()
+    slow = sft_loss(model, {k: v for k, v in batch.items() if k != "document_runs"})  # reads the runs off the ids
+    torch.testing.assert_close(with_runs, slow, rtol=0, atol=0)
+    assert syncs.count == 0
+    monkeypatch.setattr(attention, "_row_runs", lambda seg: pytest.fail("read document runs off the device"))
+    sft_loss(model, batch)

@@ -8,10 +8,12 @@ loss of ``hidden[:, :-1]`` against ``labels[:, 1:]``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from gemma_lowmem.data.packing import packed_attention_masks, packed_position_ids
+from gemma_lowmem.attention import PACKED_SDPA
+from gemma_lowmem.data.packing import document_runs, packed_attention_masks, packed_position_ids
 
 IGNORE_INDEX = -100
 
@@ -59,7 +61,9 @@ def collate(
         ``input_ids`` (B, T) long; ``labels`` (B, T) long with -100 on pads and document starts;
         ``attention_mask``: unpacked a (B, T) long 1/0 padding mask (the model builds its causal and sliding masks),
         packed the dict ``{"full_attention", "sliding_attention"}`` of (B, 1, T, T) masks (PACKED_SDPA: (B, T)
-        document ids) from :func:`packed_attention_masks`; ``position_ids`` (B, T) long, packed only;
+        document ids) from :func:`packed_attention_masks`; ``position_ids`` (B, T) long, packed only; under
+        PACKED_SDPA also ``document_runs``, per row the ``(document id, length)`` runs as a tuple on the host
+        (:func:`~gemma_lowmem.data.packing.document_runs`);
         ``num_loss_tokens``: count of ``labels[:, 1:] != -100`` and ``num_tokens``: count of non-pad tokens, both 0-dim
         long tensors.
     """
@@ -95,8 +99,23 @@ def collate(
         batch["attention_mask"] = packed_attention_masks(
             doc_lengths, total, sliding_window=sliding_window, implementation=attn_implementation, dtype=mask_dtype
         )
+        if attn_implementation == PACKED_SDPA:  # host-side runs: the packed attention slices documents by them
+            batch["document_runs"] = document_runs(doc_lengths, total)
     else:
         batch["attention_mask"] = (torch.arange(total)[None, :] < torch.tensor(row_lengths)[:, None]).long()
     batch["num_loss_tokens"] = (labels[:, 1:] != IGNORE_INDEX).sum()
     batch["num_tokens"] = torch.tensor(sum(row_lengths), dtype=torch.long)
     return batch
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A collated batch with its tensors (the packed mask dict's too) on ``device``; host values stay as they are."""
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, dict):  # packed attention masks: {"full_attention": ..., "sliding_attention": ...}
+            moved[key] = {k: v.to(device, non_blocking=True) for k, v in value.items()}
+        elif isinstance(value, torch.Tensor):
+            moved[key] = value.to(device, non_blocking=True)
+        else:
+            moved[key] = value
+    return moved

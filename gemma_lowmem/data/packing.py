@@ -172,6 +172,21 @@ def doc_ids(doc_lengths_per_row: Sequence[Sequence[int]], total_len: int) -> tor
     return ids
 
 
+Runs = tuple[tuple[tuple[int, int], ...], ...]  # per row, (document id, length) pairs
+
+
+def document_runs(doc_lengths_per_row: Sequence[Sequence[int]], total_len: int) -> Runs:
+    """The runs of :func:`doc_ids` per row as host-side ``(id, length)`` pairs, the pad tail last as ``(-1, n)``.
+
+    Packed attention slices each row's documents with them; reading them off the (B, T) ids on a GPU would cost a
+    host sync per row and layer, in the forward and again in every recompute.
+    """
+    return tuple(
+        tuple((d, n) for d, n in enumerate(docs)) + (((-1, total_len - sum(docs)),) if sum(docs) < total_len else ())
+        for docs in doc_lengths_per_row
+    )
+
+
 def packed_position_ids(doc_lengths_per_row: Sequence[Sequence[int]], total_len: int) -> torch.Tensor:
     """Positions that restart at 0 for each document (and for the pad tail, which is treated as one more document).
 
