@@ -10,11 +10,12 @@ correlate with the human ratings, next to ROUGE's correlations on the same rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -26,13 +27,15 @@ from gemma_lowmem.cli import config_from_args, given_settings
 from gemma_lowmem.config import SECTIONS, RunConfig, read_config_file
 from gemma_lowmem.data.conversation import Conversation, Message
 from gemma_lowmem.data.tokenize import render
-from gemma_lowmem.device import default_device
+from gemma_lowmem.device import default_device, resolve_precision
 from gemma_lowmem.errors import UserError
-from gemma_lowmem.evaluation.generate import generate_texts
+from gemma_lowmem.evaluation.generate import Autocast
+from gemma_lowmem.evaluation.guided import RubricAnswer, rubric_answers
 from gemma_lowmem.evaluation.human import HUMAN_DIMENSIONS, Judgment, correlation_matrix, read_judgments
+from gemma_lowmem.evaluation.metrics import agreement
 from gemma_lowmem.evaluation.report import write_report
 from gemma_lowmem.evaluation.rouge import rouge_pair
-from gemma_lowmem.evaluation.rubric import CRITERIA, parse_rubric
+from gemma_lowmem.evaluation.rubric import CRITERIA, SUMMARY_RUBRIC
 from gemma_lowmem.memory import PeakMemory
 from gemma_lowmem.model import (
     load_adapter,
@@ -85,35 +88,48 @@ def generate_answers(
     batch_size: int,
     system_role: bool,
     show_progress: bool = True,
-) -> tuple[list[str], list[str], dict[str, Any]]:
-    """Render each message list with a generation prompt and answer it greedily.
+    mode: str = "free",
+    rubric: Any = None,
+    lang: str = "ko",
+    autocast: Autocast = contextlib.nullcontext,
+) -> tuple[list[str], list[RubricAnswer], dict[str, Any]]:
+    """Render each message list with a generation prompt and answer it (free greedy, or guided by a rubric).
 
     Args:
         model: the causal LM (a PEFT model generates with its active adapter).
         tokenizer: its tokenizer.
         message_lists: the turns before each answer.
-        max_new_tokens: longest answer in tokens.
+        max_new_tokens: longest free answer in tokens.
         batch_size: prompts per generation batch.
         system_role: keep a system turn (else folded into the first user turn), as in training.
         show_progress: show a progress bar.
+        mode: ``free``, ``guided`` or ``scores`` (:mod:`gemma_lowmem.evaluation.guided`); without ``rubric``
+            always ``free``.
+        rubric: the answers' :class:`~gemma_lowmem.evaluation.rubric.RubricSpec` (None: not a rubric task).
+        lang: the answers' language.
+        autocast: zero-argument callable returning the context manager of every forward (training's).
 
     Returns:
-        ``(prompts, answers, stats)``; stats: ``prompts``, ``seconds``, ``prompt_tokens_mean``/``_max``,
-        ``answer_tokens`` (the answers re-tokenized: the stop token and special tokens are not counted),
-        ``answer_tokens_per_s``, ``peak_memory_gib`` (CUDA allocated and reserved, or CPU peak RSS, of this phase).
+        ``(prompts, answers, stats)``; stats: ``mode``, ``prompts``, ``seconds``, ``seconds_per_answer``,
+        ``prompt_tokens_mean``/``_max``, ``answer_tokens`` (the answers re-tokenized: the stop token and special
+        tokens are not counted), ``answer_tokens_per_s``, ``peak_memory_gib`` (CUDA allocated and reserved, or
+        CPU peak RSS, of this phase).
     """
+    mode = mode if rubric is not None else "free"
     prompts = [render(tokenizer, m, add_generation_prompt=True, system_role=system_role) for m in message_lists]
     device = next(model.parameters()).device
     peak = PeakMemory(device)
     peak.reset()
     start = time.perf_counter()
-    answers = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             show_progress=show_progress)
+    answers = rubric_answers(model, tokenizer, prompts, **({"spec": rubric} if rubric is not None else {}),
+                             lang=lang, mode=mode, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             show_progress=show_progress, autocast=autocast)
     seconds = time.perf_counter() - start  # exact: generation copies each batch's tokens to the host (a sync)
     prompt_tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    answer_tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    answer_tokens = sum(len(tokenizer(a.text, add_special_tokens=False)["input_ids"]) for a in answers)
     stats = {
-        "prompts": len(prompts), "seconds": seconds,
+        "mode": mode, "prompts": len(prompts), "seconds": seconds,
+        "seconds_per_answer": seconds / len(prompts) if prompts else None,
         "prompt_tokens_mean": statistics.fmean(prompt_tokens) if prompts else None,
         "prompt_tokens_max": max(prompt_tokens, default=None),
         "answer_tokens": answer_tokens, "answer_tokens_per_s": answer_tokens / seconds if seconds > 0 else None,
@@ -133,8 +149,13 @@ def evaluate_model(
     system_role: bool,
     show_progress: bool = True,
     examples: int = EXAMPLES,
+    mode: str = "guided",
+    autocast: Autocast = contextlib.nullcontext,
 ) -> dict[str, Any]:
-    """Answer each conversation's prompt (all turns but the last) greedily and score the answers with the task.
+    """Answer each conversation's prompt (all turns but the last) and score the answers with the task.
+
+    A rubric task (its module names its ``RUBRIC``) is answered in ``mode`` (guided by default: every answer is
+    valid and each score comes with its expected value); any other task generates freely.
 
     Args:
         model: the causal LM; a PEFT model generates with its adapter (inside ``disable_adapter()``: without).
@@ -146,18 +167,26 @@ def evaluate_model(
         system_role: as the model was trained (Gemma: False, the system text goes into the first user turn).
         show_progress: show a progress bar.
         examples: how many examples (prompt excerpt, answer, target, scores) to keep for the report.
+        mode: ``guided``, ``scores`` or ``free`` for a rubric task.
+        autocast: zero-argument callable returning the context manager of every forward (training's).
 
     Returns:
-        One system's report part: ``n``; ``metrics`` (the task's, plus ``generation``: time, tokens/s, peak
-        memory); ``plots``; ``examples``; ``rows`` (the task's per-example rows); ``outputs`` (every answer).
+        One system's report part: ``n``; ``metrics`` (the task's, plus ``generation``: mode, time, tokens/s,
+        peak memory; guided modes add ``expected_agreement``: the expected scores against the targets);
+        ``plots``; ``examples``; ``rows`` (the task's per-example rows); ``outputs`` (every answer).
     """
     if not conversations:
         raise ValueError("no conversations to evaluate")
-    prompts, outputs, stats = generate_answers(
+    rubric = getattr(task_module, "RUBRIC", None)
+    prompts, answers, stats = generate_answers(
         model, tokenizer, [c.messages[:-1] for c in conversations], max_new_tokens=max_new_tokens,
-        batch_size=batch_size, system_role=system_role, show_progress=show_progress,
+        batch_size=batch_size, system_role=system_role, show_progress=show_progress, mode=mode, rubric=rubric,
+        lang=conversations[0].meta.get("lang", "ko"), autocast=autocast,
     )
+    outputs = [a.text for a in answers]
     scored = task_module.score_outputs(conversations, outputs)
+    if rubric is not None and stats["mode"] != "free":
+        scored["metrics"]["expected_agreement"] = expected_agreement(conversations, answers, rubric)
     kept = [
         {"index": i, "prompt_excerpt": prompt_excerpt(prompts[i]), "generated": outputs[i],
          "target_text": conversations[i].messages[-1]["content"], "row": scored["rows"][i]}
@@ -165,6 +194,26 @@ def evaluate_model(
     ]
     return {"n": len(conversations), "metrics": {**scored["metrics"], "generation": stats},
             "plots": scored["plots"], "examples": kept, "rows": scored["rows"], "outputs": outputs}
+
+
+def expected_agreement(conversations: list[Conversation], answers: list[RubricAnswer], rubric: Any
+                       ) -> dict[str, dict[str, Any]]:
+    """Agreement of the expected scores (``sum p(s) * s``) with the targets, per criterion and for the total.
+
+    Args:
+        conversations: with the target scores in ``meta["scores"]``.
+        answers: their guided answers.
+        rubric: the rubric (criteria and maxima).
+
+    Returns:
+        ``total`` and each criterion -> :func:`~gemma_lowmem.evaluation.metrics.agreement`.
+    """
+    targets = [c.meta["scores"] for c in conversations]
+    out = {"total": agreement([a.expected_total for a in answers], [float(t["total"]) for t in targets],
+                              rubric.max_total)}
+    for key, (maximum, _, _) in rubric.criteria.items():
+        out[key] = agreement([a.readings[key].expected for a in answers], [float(t[key]) for t in targets], maximum)
+    return out
 
 
 def evaluate_systems(
@@ -225,6 +274,8 @@ def evaluate_human_judgments(
     system_role: bool,
     show_progress: bool = True,
     examples: int = EXAMPLES,
+    mode: str = "guided",
+    autocast: Autocast = contextlib.nullcontext,
 ) -> dict[str, Any]:
     """Grade each rated summary with the rubric evaluator and correlate its scores with the human ratings.
 
@@ -242,6 +293,8 @@ def evaluate_human_judgments(
         system_role: as the model was trained.
         show_progress: show a progress bar.
         examples: how many examples to keep for the report.
+        mode: ``guided``, ``scores`` or ``free``.
+        autocast: zero-argument callable returning the context manager of every forward.
 
     Returns:
         One system's report part: ``n``, ``metrics`` (``valid_rate``, ``documents``, ``pairs``: criterion ~ its
@@ -251,10 +304,12 @@ def evaluate_human_judgments(
     """
     messages = [evaluation_prompt(cut_at_sentence_end(j.article, max_article_length), j.summary, j.reference, lang)
                 for j in judgments]
-    prompts, outputs, stats = generate_answers(model, tokenizer, messages, max_new_tokens=max_new_tokens,
+    prompts, answers, stats = generate_answers(model, tokenizer, messages, max_new_tokens=max_new_tokens,
                                                batch_size=batch_size, system_role=system_role,
-                                               show_progress=show_progress)
-    parsed = [parse_rubric(o) for o in outputs]
+                                               show_progress=show_progress, mode=mode, rubric=SUMMARY_RUBRIC,
+                                               lang=lang, autocast=autocast)
+    outputs = [a.text for a in answers]
+    parsed = [a.result for a in answers]
     scores = {key: [p.scores[key] if p.valid else None for p in parsed] for key in CRITERIA}
     scores["total"] = [p.total if p.valid else None for p in parsed]
     humans = _human_ratings(judgments)
@@ -369,6 +424,27 @@ def config_for_eval(args: argparse.Namespace, adapter: str | None) -> RunConfig:
     return RunConfig.from_dict(merged, source=f"{saved_path} and the command line")
 
 
+def validation_conversations(task: ModuleType, cfg: RunConfig) -> list[Conversation]:
+    """The conversations to evaluate: the task's validation set, at most ``data.max_val_samples``.
+
+    With ``data.val_file`` only that file is read: the task builds its data with the file as its only source
+    (its "training" rows are the same file and are dropped), so evaluating never loads a training set, from the
+    hub or anywhere else, that it does not need.
+
+    Args:
+        task: the task module (``build_datasets``).
+        cfg: the run configuration.
+
+    Returns:
+        The validation conversations.
+    """
+    data = cfg.data
+    if data.val_file:
+        data = replace(data, train_file=data.val_file, data=None, demo=False)
+    conversations = task.build_datasets(data, cfg.train.seed)[1]
+    return conversations[: cfg.data.max_val_samples] if cfg.data.max_val_samples else conversations
+
+
 def output_dir_for(cfg: RunConfig, options: EvalOptions) -> Path:
     """``--output-dir``, else ``<adapter>/eval`` (``eval-human`` for human judgments), else ``runs/eval-<time>``."""
     if cfg.train.output_dir:
@@ -411,20 +487,20 @@ def run_evaluation(cfg: RunConfig, options: EvalOptions) -> tuple[dict[str, Any]
     else:
         if not hasattr(task, "score_outputs"):
             raise UserError(f"task {cfg.data.task} has no generation metrics (no score_outputs)")
-        conversations = task.build_datasets(cfg.data, cfg.train.seed)[1]
-        conversations = conversations[: cfg.data.max_val_samples] if cfg.data.max_val_samples else conversations
+        conversations = validation_conversations(task, cfg)
         if not conversations:
             raise UserError("no validation conversations to evaluate; check --data / --val-file")
         print(f"evaluating on {len(conversations)} validation conversations")
     model_path = resolve_model_path(cfg.model.model)
     device = default_device()
     tokenizer = load_tokenizer(model_path)
-    model = load_base_model(cfg.model, device)
+    model = load_base_model(cfg.model, device, cfg.train.precision)
     if options.adapter:
         model = load_adapter(model, options.adapter)
     common = {"max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.gen_batch_size,
               "system_role": cfg.model.system_role, "show_progress": options.show_progress,
-              "examples": cfg.eval.report_examples}
+              "examples": cfg.eval.report_examples, "mode": cfg.eval.mode,
+              "autocast": resolve_precision(device, cfg.train.precision).autocast}
     settings = {"task": cfg.data.task, "adapter": options.adapter, "device": str(device),
                 "eval": asdict(cfg.eval),
                 "seed": cfg.train.seed, "model": asdict(cfg.model)}

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     device = default_device()
     tokenizer = load_tokenizer(resolve_model_path(model_cfg.model))
-    model = load_base_model(model_cfg, device)
+    model = load_base_model(model_cfg, device, args.precision)
     if args.adapter:
         model = load_adapter(model, args.adapter)
     grade_rows = partial(grade, model, tokenizer, lang=lang, mode=args.mode, max_article_length=max_article_length,

@@ -19,6 +19,7 @@ from gemma_lowmem.evaluate import (
     evaluate_systems,
     limit_documents,
     prompt_excerpt,
+    validation_conversations,
 )
 from gemma_lowmem.evaluation.generate import generate_texts
 from gemma_lowmem.evaluation.human import Judgment
@@ -123,7 +124,7 @@ def _short_conversations(n: int) -> list[Conversation]:
 
 def test_evaluate_model_on_task_one(conversations):
     result = evaluate_model(tiny_gemma3(), tiny_tokenizer(), conversations[:3], summary_eval, max_new_tokens=6,
-                            batch_size=2, system_role=False, show_progress=False, examples=2)
+                            batch_size=2, system_role=False, show_progress=False, examples=2, mode="free")
     assert result["n"] == 3 and len(result["outputs"]) == 3 and result["metrics"]["valid_rate"] == 0.0
     assert [e["index"] for e in result["examples"]] == [0, 1]
     example = result["examples"][0]
@@ -131,6 +132,37 @@ def test_evaluate_model_on_task_one(conversations):
     assert example["prompt_excerpt"].rstrip().endswith("<start_of_turn>model")  # the generation prompt
     generation = result["metrics"]["generation"]
     assert generation["prompts"] == 3 and generation["seconds"] > 0 and generation["prompt_tokens_max"] > 100
+
+
+@pytest.mark.parametrize("mode", ["guided", "scores"])
+def test_evaluate_model_guided_is_always_valid(conversations, mode, monkeypatch):
+    monkeypatch.setattr("gemma_lowmem.evaluation.guided.SLOT_TOKENS", {"comment": 3, "feedback": 4, "suggestions": 4})
+    result = evaluate_model(tiny_gemma3(), tiny_tokenizer(), conversations[:3], summary_eval, max_new_tokens=6,
+                            batch_size=2, system_role=False, show_progress=False, examples=2, mode=mode)
+    metrics = result["metrics"]
+    assert EvalConfig().mode == "guided"  # the default of every rubric task
+    assert metrics["valid_rate"] == 1.0 and metrics["generation"]["mode"] == mode
+    assert metrics["agreement"]["total"]["n_valid"] == 3
+    expected = metrics["expected_agreement"]
+    assert set(expected) == {"total", *CRITERIA} and expected["total"]["n_valid"] == 3
+    assert all(parse_rubric(o).valid for o in result["outputs"])
+
+
+def test_val_file_evaluation_reads_only_that_file(tmp_path, data_file, monkeypatch):
+    """Issue 16: an adapter trained on the hub set, evaluated offline on a named validation file."""
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked for data the evaluation does not need")
+
+    monkeypatch.setattr(summary_eval, "load_hub_records", no_hub)
+    adapter = tmp_path / "checkpoints" / "step-000020"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    RunConfig(data=DataConfig(lang="en", max_val_samples=3)).save(adapter / "run_config.json")  # the hub default
+    args = build_parser("test").parse_args(["--val-file", str(data_file)])
+    cfg = config_for_eval(args, str(adapter))
+    conversations = validation_conversations(summary_eval, cfg)
+    assert [c.meta["id"] for c in conversations] == ["r0", "r1", "r2"]  # the file's rows, capped at 3
+    assert cfg.data.lang == "en"
 
 
 def test_compare_evaluates_base_through_disabled_adapter():
@@ -192,13 +224,15 @@ def _save_adapter(model_dir: Path, folder: Path, data_file: Path) -> None:
 def test_script_base_model_end_to_end(monkeypatch, tmp_path, model_dir, data_file, capsys):
     out = tmp_path / "eval"
     _run_script(monkeypatch, "--model", str(model_dir), "--quant", "none", "--data", str(data_file), "--lang", "en",
-                "--max-val-samples", "2", "--max-new-tokens", "8", "--output-dir", str(out), "--no-progress")
+                "--max-val-samples", "2", "--max-new-tokens", "8", "--output-dir", str(out), "--no-progress",
+                "--mode", "scores")
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     base = report["systems"]["base"]
-    assert base["n"] == 2 and base["metrics"]["valid_rate"] == 0.0 and len(base["outputs"]) == 2
+    assert base["n"] == 2 and len(base["outputs"]) == 2
+    assert base["metrics"]["valid_rate"] == 1.0 and base["metrics"]["generation"]["mode"] == "scores"
     assert report["settings"]["data"]["data"] == str(data_file)
     md = (out / "report.md").read_text(encoding="utf-8")
-    assert "| valid_rate | 0 |" in md and (out / "base_scatter_total.png").is_file()
+    assert "| valid_rate | 1 |" in md and (out / "base_scatter_total.png").is_file()
     assert "report:" in capsys.readouterr().out
 
 
@@ -250,7 +284,7 @@ def test_script_human_judgments_end_to_end(monkeypatch, tmp_path, model_dir):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "human"
     _run_script(monkeypatch, "--model", str(model_dir), "--quant", "none", "--lang", "en", "--human-judgments",
-                str(path), "--max-new-tokens", "4", "--output-dir", str(out), "--no-progress")
+                str(path), "--max-new-tokens", "4", "--output-dir", str(out), "--no-progress", "--mode", "free")
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     base = report["systems"]["base"]
     assert base["n"] == 6 and base["metrics"]["valid_rate"] == 0.0
