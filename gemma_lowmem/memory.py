@@ -56,16 +56,18 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import re
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gemma_lowmem.errors import UserError
-from gemma_lowmem.model import BUNDLED, INT8_SKIP_MODULES, offline_hint, resolve_model_path
+from gemma_lowmem.model import BUNDLED, INT8_SKIP_MODULES, load_dtype, offline_hint, resolve_model_path
+from kernels.int8_embedding import DEFAULT_CHUNK_ELEMENTS
 from kernels.linear_cross_entropy import DEFAULT_CHUNK_BYTES
 
 if TYPE_CHECKING:
@@ -250,6 +252,8 @@ class ModelShape:
         weight_bytes: frozen weight bytes by kind.
         lora_params: trainable LoRA parameters.
         int8_head: the LM head is the tied int8 embedding (the loss walks vocabulary blocks, see ``_activation_bytes``).
+        table_elements: elements of the float tables that turn int8 after loading (the tied embedding, Gemma 3n's
+            per-layer table), by :func:`describe_model`'s part names: the load reads them as floats first.
     """
 
     num_layers: int
@@ -263,6 +267,7 @@ class ModelShape:
     weight_bytes: dict[str, int]
     lora_params: int
     int8_head: bool = False
+    table_elements: dict[str, int] = field(default_factory=dict)
 
 
 def load_model_config(name: str) -> Any:
@@ -342,6 +347,7 @@ def describe_model(
         return per_quantized is not None and name.rsplit(".", 1)[-1] not in INT8_SKIP_MODULES
 
     weights = {"quantized linears": 0.0, "embedding and head": 0.0, "per-layer embedding": 0.0, "other frozen": 0.0}
+    tables: dict[str, int] = {}
     seen: set[int] = set()
     for name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
@@ -354,10 +360,14 @@ def describe_model(
             elif module is table:
                 per_row = {"float": param.shape[1] * dtype_bytes, "int8": param.shape[1] + 4, "disk": 4}[embeddings]
                 weights["per-layer embedding"] += param.shape[0] * per_row
+                if embeddings != "float":
+                    tables["per-layer embedding"] = param.numel()
             elif module is model.get_input_embeddings():
                 int8_rows = embeddings != "float" and head.weight is param  # only a tied embedding turns int8
                 per_row = param.shape[1] + 4 if int8_rows else param.shape[1] * dtype_bytes
                 weights["embedding and head"] += param.shape[0] * per_row
+                if int8_rows:
+                    tables["embedding and head"] = param.numel()
             elif module is head:  # an untied head stays in the weights' dtype
                 weights["embedding and head"] += param.numel() * dtype_bytes
             else:
@@ -388,7 +398,38 @@ def describe_model(
         weight_bytes={k: int(v) for k, v in weights.items()},
         lora_params=lora,
         int8_head=embeddings != "float" and head.weight is model.get_input_embeddings().weight,
+        table_elements=tables,
     )
+
+
+def predict_load_peak(shape: ModelShape, *, device_type: str, load_bytes: int, tables_on_cpu: bool = False
+                      ) -> dict[str, int]:
+    """Predicted peak of loading the model (bytes, by part), from the shapes; the peak is the sum.
+
+    ``model.load_base_model`` reads every float weight in the checkpoint's dtype (``load_bytes`` per element) and
+    the linears straight into int8. On a GPU the tables that turn int8 (:attr:`ModelShape.table_elements`) are
+    read onto the CPU and quantized into their int8 place a chunk at a time, so the GPU holds only final weights
+    and one chunk. On the CPU the float tables are resident while their int8 copies are made, and this is the
+    load's peak (a memory-mapped per-layer table, ``embeddings="disk"``, is written a chunk at a time).
+
+    Args:
+        shape: :func:`describe_model`'s result for the run's embeddings mode.
+        device_type: "cuda" (the GPU's allocated memory) or "cpu" (the process's RSS).
+        load_bytes: bytes per element of the float weights as read (2 for a bf16 checkpoint).
+        tables_on_cpu: on a GPU, the per-layer table stays on the CPU (``--embeddings-on-cpu``/``-on-disk``).
+
+    Returns:
+        ``{part: bytes}``.
+    """
+    parts: dict[str, float] = dict(shape.weight_bytes)
+    if device_type == "cuda" and tables_on_cpu:
+        parts.pop("per-layer embedding", None)
+    parts["runtime"] = CPU_RUNTIME_BYTES if device_type == "cpu" else CUDA_RUNTIME_BYTES
+    # one chunk of rows in fp32 and its int8 copy (tables), or the float weight of the largest linear (bitsandbytes)
+    parts["quantization chunk"] = DEFAULT_CHUNK_ELEMENTS * 5
+    if device_type == "cpu":
+        parts["float tables while quantized"] = sum(shape.table_elements.values()) * load_bytes
+    return {k: int(v) for k, v in parts.items() if v}
 
 
 def fixed_bytes(shape: ModelShape, device_type: str) -> int:
@@ -506,6 +547,7 @@ class MemoryPlan:
         breakdown: ``{part: bytes}``.
         budget: the budget in bytes.
         seq_len: tokens per row the plan was made for.
+        load_peak: predicted peak of loading the model, bytes (:func:`predict_load_peak`; 0: not predicted).
     """
 
     batch_size: int
@@ -516,6 +558,7 @@ class MemoryPlan:
     breakdown: dict[str, int]
     budget: int
     seq_len: int = 0
+    load_peak: int = 0
 
     def table(self) -> str:
         """A readable table: each part of the predicted peak, the total against the budget, and the choices."""
@@ -523,7 +566,10 @@ class MemoryPlan:
         lines = [f"{'part':<{width}}{'GiB':>8}", "-" * (width + 8)]
         lines += [f"{k:<{width}}{v / GiB:>8.2f}" for k, v in self.breakdown.items()]
         lines += ["-" * (width + 8), f"{'predicted peak':<{width}}{self.predicted_peak / GiB:>8.2f}",
-                  f"{'budget':<{width}}{self.budget / GiB:>8.2f}", ""]
+                  f"{'budget':<{width}}{self.budget / GiB:>8.2f}"]
+        if self.load_peak:
+            lines.append(f"{'loading (peak)':<{width}}{self.load_peak / GiB:>8.2f}")
+        lines.append("")
         chunk = "default" if self.loss_chunk_size is None else f"{self.loss_chunk_size} tokens"
         lines += [
             f"micro-batch: {self.batch_size} x {self.seq_len} tokens; grad_accum {self.grad_accum} "
@@ -647,11 +693,16 @@ def plan_memory(
     )
 
 
-def embeddings_mode(model: ModelConfig) -> str:
-    """How a run holds the big embedding tables, for :func:`describe_model`: "float", "int8" or "disk"."""
+def embeddings_mode(model: ModelConfig, device_type: str = "cpu") -> str:
+    """How a run holds the big embedding tables, for :func:`describe_model`: "float", "int8" or "disk".
+
+    On a GPU ``--embeddings-on-cpu`` counts as "disk": the per-layer table is off the device either way (only its
+    scales, 4 bytes a row, are counted; they too stay on the CPU).
+    """
     if not model.int8_embeddings:
         return "float"
-    return "disk" if model.embeddings_on_disk else "int8"
+    off_device = model.embeddings_on_cpu and device_type == "cuda"
+    return "disk" if model.embeddings_on_disk or off_device else "int8"
 
 
 def plan_run(cfg: RunConfig, model_config: Any, device: torch.device, keep: Collection[str] = ()) -> MemoryPlan:
@@ -681,14 +732,29 @@ def plan_run(cfg: RunConfig, model_config: Any, device: torch.device, keep: Coll
     if not train.chunked_loss:  # the model's own loss: full logits of every position, as one "chunk"
         fixed["loss_chunk_size"] = train.batch_size * seq
     autocast = resolve_precision(device, train.precision).dtype
-    return plan_memory(
-        model_config, budget=train.max_mem, quant=cfg.model.quant,
-        dtype_bytes=torch.finfo(weight_dtype(device, cfg.model.dtype, train.precision)).bits // 8, lora_r=cfg.lora.r,
+    weights = weight_dtype(device, cfg.model.dtype, train.precision)
+    shape = describe_model(model_config, quant=cfg.model.quant, dtype_bytes=weights.itemsize,
+                           embeddings=embeddings_mode(cfg.model, device.type), lora_r=cfg.lora.r,
+                           lora_targets=cfg.lora.target_modules)
+    load = sum(predict_load_peak(
+        shape, device_type=device.type, load_bytes=load_dtype(model_config, weights).itemsize,
+        tables_on_cpu=cfg.model.embeddings_on_cpu or cfg.model.embeddings_on_disk,
+    ).values())
+    plan = plan_memory(
+        model_config, budget=train.max_mem, quant=cfg.model.quant, dtype_bytes=weights.itemsize, lora_r=cfg.lora.r,
         lora_targets=cfg.lora.target_modules, max_seq_length=seq, global_batch_tokens=train.batch_size
         * train.grad_accum * seq, device_type=device.type, task_factor=task_factor(cfg.data.task),
-        act_bytes=torch.finfo(autocast).bits // 8 if autocast else 4, embeddings=embeddings_mode(cfg.model),
-        packed=train.packing, fixed=fixed,
+        act_bytes=torch.finfo(autocast).bits // 8 if autocast else 4, embeddings=embeddings_mode(cfg.model, device.type),
+        packed=train.packing, fixed=fixed, shape=shape,
     )
+    if load > plan.budget:  # after the step's plan: a budget below the weights says so first
+        raise BudgetTooSmall(
+            f"--max-mem {train.max_mem}: loading {cfg.model.model} peaks at {format_size(load)} "
+            f"(float tables read before they turn int8); give --max-mem {math.ceil(load / 1e9 * 10) / 10:.1f}GB"
+            + ("" if device.type == "cpu" or cfg.model.embeddings_on_cpu else " or --embeddings-on-cpu"),
+            needed=load,
+        )
+    return replace(plan, load_peak=load)
 
 
 def enforce_cap(budget: int, device: torch.device) -> float | None:

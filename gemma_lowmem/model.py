@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -211,7 +212,7 @@ def _big_tables(model_config: Any, tied: bool) -> list[str]:
     return names + (["model.embed_tokens", "lm_head"] if tied else [])
 
 
-def _load_dtype(model_config: Any, dtype: torch.dtype) -> torch.dtype:
+def load_dtype(model_config: Any, dtype: torch.dtype) -> torch.dtype:
     """Read the weights in the checkpoint's dtype when it is narrower than ``dtype`` (bf16 into an fp32 run): the
     big tables are read once, to be quantized, and half the bytes is half the load peak; no value changes."""
     stored = getattr(model_config, "dtype", None)
@@ -264,7 +265,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device, precision: str = "au
         kwargs.update(quantization_config=quant, device_map=device_map_for(device, tables))
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_load_dtype(config, dtype), attn_implementation=cfg.attn_implementation, **kwargs
+            path, dtype=load_dtype(config, dtype), attn_implementation=cfg.attn_implementation, **kwargs
         )
     except OSError as err:
         raise UserError(offline_hint(path, err)) from None
@@ -295,6 +296,15 @@ def _quantize_per_layer_embeddings(model: PreTrainedModel, dtype: torch.dtype, t
         )
 
 
+@contextmanager
+def _peft_reads_deprecated_checkpointing_flag() -> Iterator[None]:
+    # peft 0.21 reads `model.is_gradient_checkpointing` in PeftModel.__init__, an alias transformers 5 deprecates
+    # (FutureWarning, removed in v6) for `is_activation_checkpointing`. The read is peft's, not ours.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: bool) -> PeftModel:
     """Wrap the frozen base with a trainable LoRA adapter (fp32 weights; autocast runs their matmuls in bf16)."""
     if gradient_checkpointing:
@@ -309,7 +319,8 @@ def add_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: bo
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config)
+    with _peft_reads_deprecated_checkpointing_flag():
+        return get_peft_model(model, peft_config)
 
 
 def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:
@@ -317,7 +328,8 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, trainable: boo
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    with _peft_reads_deprecated_checkpointing_flag():
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

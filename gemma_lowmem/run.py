@@ -31,6 +31,7 @@ from gemma_lowmem.memory import (
     PLANNED,
     enforce_cap,
     load_model_config,
+    parse_size,
     plan_run,
     return_freed_memory_to_os,
 )
@@ -71,14 +72,13 @@ def choose_run_dir(cfg: RunConfig) -> Path:
 
 def plan_budget(model_path: str, cfg: RunConfig, device: torch.device, keep: Collection[str]) -> RunConfig:
     """Fit the run into ``--max-mem``: the config with the planner's micro-batch, accumulation, checkpointing and
-    loss chunk (settings in ``keep`` stay as given); prints the plan. On CUDA the allocator is capped at the budget."""
+    loss chunk (settings in ``keep`` stay as given); prints the plan. Stops before loading if the load cannot fit."""
     plan = plan_run(cfg, load_model_config(model_path), device, keep)
     planned = plan.apply(cfg)
     changed = [f"{name} {getattr(cfg.train, name)} -> {getattr(planned.train, name)}" for name in PLANNED
                if getattr(cfg.train, name) != getattr(planned.train, name)]
     print(f"memory plan for --max-mem {cfg.train.max_mem} on {device.type}"
           + (f" ({'; '.join(changed)})" if changed else "") + "\n" + plan.table())
-    enforce_cap(plan.budget, device)
     if device.type == "cpu" and plan.predicted_peak * GLIBC_RETAINED_FACTOR > plan.budget:
         return_freed_memory_to_os()  # the budget is tight: give freed blocks back at once (slower, see memory.py)
     return planned
@@ -133,6 +133,8 @@ def setup(cfg: RunConfig, keep: Collection[str] = ()) -> Prepared:
     print(f"model {cfg.model.model} -> {model_path}")
     tokenizer = load_tokenizer(model_path)
     base = load_base_model(cfg.model, device, cfg.train.precision)
+    # Capped after loading: the load has its own peak, checked by the plan; the cap then holds training to budget.
+    enforce_cap(parse_size(cfg.train.max_mem), device)
     torch.manual_seed(cfg.train.seed)  # LoRA init from the seed, whatever loading consumed
     model = add_lora(base, cfg.lora, cfg.train.gradient_checkpointing)
     trainable, total = count_parameters(model)

@@ -267,3 +267,40 @@ def test_plan_run_chooses_what_was_not_given_and_keeps_what_was():
         plan_run(tight, config, cpu, keep=PLANNED)
     chosen = plan_run(tight, config, cpu)
     assert chosen.predicted_peak <= need - 1 and chosen.batch_size * chosen.grad_accum == 8
+
+
+E2B = "gemma-3n-e2b"
+
+
+@pytest.mark.parametrize("on_cpu, on_disk", [(False, False), (True, False), (False, True)],
+                         ids=["tables-on-gpu", "embeddings-on-cpu", "embeddings-on-disk"])
+def test_e2b_loads_and_trains_inside_8gb_on_a_simulated_t4(monkeypatch, on_cpu, on_disk):
+    """The Gemma 3n E2B text model built on the meta device, planned for a T4 (fp16 autocast, fp32 float weights,
+    a bf16 checkpoint): the load peak (from the shapes) and the step's are under the 7.45 GiB of --max-mem 8GB."""
+    from gemma_lowmem.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from gemma_lowmem.memory import load_model_config, plan_run
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    config = load_model_config(E2B)
+    config.dtype = torch.bfloat16  # as the hub checkpoint stores it
+    cfg = RunConfig(model=ModelConfig(model=E2B, embeddings_on_cpu=on_cpu, embeddings_on_disk=on_disk),
+                    data=DataConfig(max_seq_length=2048), train=TrainConfig(max_mem="8GB", batch_size=1, grad_accum=1))
+    plan = plan_run(cfg, config, torch.device("cuda", 0))
+    assert 0 < plan.load_peak < 8e9 / GiB * GiB and plan.load_peak < 7.45 * GiB
+    assert plan.predicted_peak <= plan.budget
+    # before: the fp16 per-layer table (3.75 GiB) loaded onto the GPU and its int8 copy (1.9 GiB) made beside it
+    per_layer_float = 262_144 * 7_680 * 2
+    assert plan.load_peak < sum(plan.breakdown[k] for k in plan.breakdown if "embedding" not in k) + per_layer_float
+
+
+def test_a_load_that_cannot_fit_stops_before_loading_naming_the_budget():
+    from gemma_lowmem.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from gemma_lowmem.memory import BudgetTooSmall, load_model_config, plan_run
+
+    config = load_model_config(E2B)
+    config.dtype = torch.bfloat16
+    cfg = RunConfig(model=ModelConfig(model=E2B), data=DataConfig(max_seq_length=512),
+                    train=TrainConfig(max_mem="7GB", batch_size=1, grad_accum=1, precision="fp32"))
+    with pytest.raises(BudgetTooSmall, match=r"loading gemma-3n-e2b peaks at .* give --max-mem \d+\.\dGB") as err:
+        plan_run(cfg, config, torch.device("cpu"))
+    assert err.value.needed > 7e9
