@@ -744,8 +744,7 @@ def plan_run(cfg: RunConfig, model_config: Any, device: torch.device, keep: Coll
         model_config, budget=train.max_mem, quant=cfg.model.quant, dtype_bytes=weights.itemsize, lora_r=cfg.lora.r,
         lora_targets=cfg.lora.target_modules, max_seq_length=seq, global_batch_tokens=train.batch_size
         * train.grad_accum * seq, device_type=device.type, task_factor=task_factor(cfg.data.task),
-        act_bytes=torch.finfo(autocast).bits // 8 if autocast else 4, embeddings=embeddings_mode(cfg.model, device.type),
-        packed=train.packing, fixed=fixed, shape=shape,
+        act_bytes=torch.finfo(autocast).bits // 8 if autocast else 4, packed=train.packing, fixed=fixed, shape=shape,
     )
     if load > plan.budget:  # after the step's plan: a budget below the weights says so first
         raise BudgetTooSmall(
