@@ -28,7 +28,7 @@ DEMO: dict[str, dict[str, Any]] = {
     "model": {"model": "gemma-3-270m"},
     "data": {"demo": True, "max_seq_length": 1024, "max_val_samples": 6},
     "train": {"epochs": 1, "lr": 3e-4, "batch_size": 2, "grad_accum": 2, "eval_every": 5, "save_every": 5},
-    "eval": {"evaluate": True, "max_new_tokens": 320},
+    "eval": {"evaluate": True, "max_new_tokens": 320, "report_examples": 3},
 }
 
 

@@ -208,9 +208,9 @@ def rubric_answers(
         spec: the rubric.
         lang: the answer's language (one of ``spec.titles``).
         mode: ``free``, ``guided`` or ``scores`` (see the module docstring).
-        max_new_tokens: ``free`` mode's longest answer.
+        max_new_tokens: ``free`` mode's longest answer; in ``guided`` mode the longest free-text slot.
         slot_tokens: ``guided`` mode's cap per free-text slot kind (``comment``, ``feedback``, ``suggestions``);
-            default :data:`SLOT_TOKENS`.
+            default :data:`SLOT_TOKENS` (each at most ``max_new_tokens``).
         batch_size: prompts per batch (sorted by length).
         show_progress: show a progress bar.
         autocast: zero-argument callable returning the context manager of every forward (training's
@@ -226,14 +226,15 @@ def rubric_answers(
                                show_progress=show_progress, autocast=autocast)
         return [RubricAnswer(t, parse_rubric(t, spec)) for t in texts]
     template = rubric_template(lang, spec)
+    caps = {kind: min(cap, max_new_tokens) for kind, cap in (slot_tokens or SLOT_TOKENS).items()}
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     answers: list[RubricAnswer | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(prompts), desc=f"grading ({mode})", unit="prompt", disable=not show_progress, leave=False)
     for batch in length_sorted_batches([len(i) for i in ids], batch_size):
-        done = _guided_batch(model, tokenizer, [ids[i] for i in batch], template, spec, lang, mode,
-                             slot_tokens or SLOT_TOKENS, autocast)
+        done = _guided_batch(model, tokenizer, [ids[i] for i in batch], template, spec, lang, mode, caps,
+                             autocast)
         for i, answer in zip(batch, done):
             answers[i] = answer
         bar.update(len(batch))
