@@ -136,3 +136,20 @@ def test_missing_data_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --data") and str(missing) in lines[0], proc.stderr
+
+
+def test_gpu_check_runs_every_check_on_the_cpu_in_smoke_mode():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+    out = subprocess.run([sys.executable, str(script), "--cpu-smoke"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    checks = [r["check"] for r in records]
+    assert checks[0] == "precision" and checks.count("e2b") == 2 and checks[-1] == "hf-recipe"
+    assert {r["precision"] for r in records if r["check"] == "gemma3"} >= {"fp16", "fp32"}
+    assert all(r["finite"] for r in records if r["check"] == "gemma3")
+    assert all(r["load_peak_gib"] > 0 and r["predicted_step_gib"] > 0 for r in records if r["check"] == "e2b")
