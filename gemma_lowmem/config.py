@@ -46,7 +46,8 @@ class ModelConfig:
     )
     dtype: str = _f(
         "auto",
-        "dtype of frozen non-quantized weights: auto (bf16, or fp16 on GPUs without bf16), bf16, fp16, fp32",
+        "dtype of frozen non-quantized weights: auto (bf16 under bf16 autocast, else fp32: fp16 overflows Gemma's "
+        "residual stream), bf16, fp16, fp32",
         choices=("auto", "bf16", "fp16", "fp32"),
     )
     attn_implementation: str = _f(
