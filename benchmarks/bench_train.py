@@ -343,7 +343,7 @@ def profiled(settings: Settings, name: str) -> Iterator[None]:
 
 def run_ours(name: str, settings: Settings) -> dict[str, Any]:
     """gemma-lowmem's loop with the variant's switches: warm-up step, then one timed epoch."""
-    from gemma_lowmem.memory import PLANNED
+    from gemma_lowmem.planner import PLANNED
     from gemma_lowmem.run import setup
 
     cfg = run_config(settings, VARIANTS[name])

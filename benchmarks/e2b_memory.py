@@ -7,7 +7,7 @@ parameters) with random weights written straight into their final form: decoder 
 embedding table as a row-wise int8 ``kernels.Int8Embedding`` (drawn a chunk of rows at a time), the tied
 embedding and the norms in the weights' dtype. It then adds the default LoRA adapter, runs optimizer steps of
 ``gemma_lowmem.train.fit`` on random token rows and prints one JSON line with the planner's prediction
-(``gemma_lowmem.memory.predict_peak``), the measured peak and their ratio.
+(``gemma_lowmem.planner.predict_peak``), the measured peak and their ratio.
 
 On the CPU the measured peak is the process's peak resident memory (VmHWM): the larger of the build phase
 (``build_peak_gib``: imports, weights, LoRA) and the training phase (``train_peak_gib``: the loop resets the
@@ -24,7 +24,7 @@ Examples:
   python benchmarks/e2b_memory.py --warmup-tokens 128          # the same, the first step short (faster)
   python benchmarks/e2b_memory.py --config path/to/config.json --tokens 1024 --batch-size 2
   python benchmarks/e2b_memory.py --load gemma-3-270m --tokens 2048 --batch-size 2
-  python benchmarks/e2b_memory.py --calibrate                   # the calibration grid of gemma_lowmem/memory.py
+  python benchmarks/e2b_memory.py --calibrate                   # the calibration grid of gemma_lowmem/planner.py
 """
 
 from __future__ import annotations
@@ -42,15 +42,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gemma_lowmem.memory import (
-    EMBEDDINGS,
-    INT8_SKIP_MODULES,
-    GiB,
-    _status_kib,
-    load_model_config,
-    predict_peak,
-    return_freed_memory_to_os,
-)
+from gemma_lowmem.memory import INT8_SKIP_MODULES, GiB, _status_kib, return_freed_memory_to_os
+from gemma_lowmem.planner import EMBEDDINGS, load_model_config, predict_peak
 
 # Standard deviation of integers drawn uniformly from [-127, 127]: sqrt((255^2 - 1) / 12).
 INT8_UNIFORM_STD = 73.6

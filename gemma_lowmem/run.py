@@ -26,15 +26,7 @@ from gemma_lowmem.distributed import current_ranks, init_distributed
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.evaluate import evaluate_model, evaluate_systems
 from gemma_lowmem.evaluation.report import write_report
-from gemma_lowmem.memory import (
-    GLIBC_RETAINED_FACTOR,
-    PLANNED,
-    enforce_cap,
-    load_model_config,
-    parse_size,
-    plan_run,
-    return_freed_memory_to_os,
-)
+from gemma_lowmem.memory import GLIBC_RETAINED_FACTOR, enforce_cap, parse_size, return_freed_memory_to_os
 from gemma_lowmem.model import (
     CACHE,
     add_lora,
@@ -43,6 +35,7 @@ from gemma_lowmem.model import (
     load_tokenizer,
     resolve_model_path,
 )
+from gemma_lowmem.planner import PLANNED, load_model_config, plan_run
 from gemma_lowmem.tasks import TaskTraining, get_task
 from gemma_lowmem.train import FitResult, fit
 

@@ -21,7 +21,8 @@ from gemma_lowmem.cli import run_script
 from gemma_lowmem.config import LoraConfig
 from gemma_lowmem.device import DTYPES, default_device, resolve_precision, weight_dtype
 from gemma_lowmem.errors import UserError
-from gemma_lowmem.memory import EMBEDDINGS, GiB, describe_model, load_model_config, parse_size, plan_memory, task_factor
+from gemma_lowmem.memory import GiB, parse_size
+from gemma_lowmem.planner import EMBEDDINGS, describe_model, load_model_config, plan_memory, task_factor
 
 
 def _dtypes(device: str, dtype: str, precision: str) -> tuple[torch.dtype, torch.dtype]:

@@ -13,18 +13,12 @@ import torch
 from gemma_lowmem.cli import run_script
 from gemma_lowmem.config import LoraConfig, RunConfig, TrainConfig
 from gemma_lowmem.errors import UserError
-from gemma_lowmem.memory import (
+from gemma_lowmem.memory import BudgetTooSmall, GiB, PeakMemory, WeightsExceedBudget, enforce_cap, is_oom, parse_size
+from gemma_lowmem.planner import (
     PLANNED,
-    BudgetTooSmall,
-    GiB,
-    PeakMemory,
-    WeightsExceedBudget,
     describe_model,
-    enforce_cap,
     fixed_bytes,
-    is_oom,
     load_model_config,
-    parse_size,
     plan_memory,
     plan_run,
     predict_peak,
@@ -278,7 +272,7 @@ def test_e2b_loads_and_trains_inside_8gb_on_a_simulated_t4(monkeypatch, on_cpu, 
     """The Gemma 3n E2B text model built on the meta device, planned for a T4 (fp16 autocast, fp32 float weights,
     a bf16 checkpoint): the load peak (from the shapes) and the step's are under the 7.45 GiB of --max-mem 8GB."""
     from gemma_lowmem.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-    from gemma_lowmem.memory import load_model_config, plan_run
+    from gemma_lowmem.planner import load_model_config, plan_run
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     config = load_model_config(E2B)
@@ -295,7 +289,8 @@ def test_e2b_loads_and_trains_inside_8gb_on_a_simulated_t4(monkeypatch, on_cpu, 
 
 def test_a_load_that_cannot_fit_stops_before_loading_naming_the_budget():
     from gemma_lowmem.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-    from gemma_lowmem.memory import BudgetTooSmall, load_model_config, plan_run
+    from gemma_lowmem.memory import BudgetTooSmall
+    from gemma_lowmem.planner import load_model_config, plan_run
 
     config = load_model_config(E2B)
     config.dtype = torch.bfloat16

@@ -1,0 +1,622 @@
+"""The memory planner: predict the peak of loading and of one training step, and choose settings that fit.
+
+The peak of one training step (:func:`predict_peak`; :func:`plan_memory` chooses with it) is a sum of parts, read
+off the model built on the meta device (no weights loaded). For a micro-batch of N = B x T tokens, activations
+of ``a`` bytes (4 on CPUs without native bf16, 2 under bf16/fp16 autocast), L layers, stream width S (H; 4 H for
+Gemma 3n's AltUp), MLP width I, vocabulary V and loss chunk C:
+
+    frozen weights   int8 linears 1 B + an fp32 scale per row; nf4 0.5 B + 1/16 B; the rest in the weights' dtype;
+                     big embedding tables (``embeddings``): row-wise int8, 1 B + a scale per row, for Gemma 3n's
+                     per-layer table and the input embedding with a tied head; "disk" leaves the per-layer table
+                     memory-mapped (its scales alone resident)
+    LoRA             16 B per parameter: fp32 weight, gradient, AdamW's two moments
+    runtime          CPU: 0.489 GiB (Python, torch, transformers, peft, bitsandbytes through a whole fit);
+                     CUDA: 256 MiB of allocator slack (an assumption: no GPU to measure on)
+    model-level      N a x Gemma 3n's per-layer input width (L x 256), plus packed masks 2 B T^2
+    checkpoints      N a L S: each layer's input
+    the larger of    one layer's recompute and backward  N a (4.98 S + 15.8 I)
+                     the loss chunk  C V x 8.24 B, plus the final hidden states and their gradient 2 N H a; an int8
+                     tied head is walked in vocabulary blocks whose logits and dequantized rows share 256 MiB
+    no checkpointing replaces checkpoints and recompute with  L x 0.82 x one layer's recompute
+
+The four constants (4.98, 15.8, 8.24, 0.82) were fitted, least squares on the relative error, to peaks measured on
+this CPU (2 cores, AVX2, so fp32 weights and activations; int8 linears, LoRA r16 on the 7 projections, packed rows,
+512 labelled tokens per row, 2 optimizer steps of ``train.fit``, peak RSS of the whole process in a fresh subprocess
+each, :func:`return_freed_memory_to_os` on) while bitsandbytes still kept its matmul inputs and the head was float.
+Re-measured with ``kernels.int8_linear`` and the int8 tied head (``benchmarks/e2b_memory.py --calibrate``):
+
+    model, random int8 weights unless noted        tokens   checkpointing  chunk  measured GiB  predicted GiB
+    Gemma 3n 1 layer, hidden 64 (the runtime)         64      on          -          0.489         0.490
+    E2B widths (H 2048, I 8192, V 4096), 2 layers     512     on          -          0.991         1.018
+      ... 4 layers                                    512     on          -          1.165         1.190
+      ... 2 layers                                   2048     on          -          2.040         2.096
+      ... 2 layers                                 2 x 1024   on          -          2.028         2.092
+      ... 2 layers                                   1024     off         -          1.652         1.808
+    Gemma 3 270M config (18 layers, H 640, V 262k) 2 x 1024   on          -          1.281         1.350
+      ...                                            2048     on          -          1.229         1.354
+      ...                                          2 x 1024   on         64          1.123         1.160
+      ...                                            1024     off         -          2.931         3.218
+    Gemma 3 270M, real weights (load_base_model)   2 x 1024   on          -          1.283         1.350
+
+Ratios 0.91-1.00: the prediction errs on the safe side. 2 x 1024 and 1 x 2048 tokens peak alike: CPU ``sdpa``
+keeps no (T, T) scores (eager attention would). Loading real weights has its own transient peak (1.688 GiB for the
+270M above, measured when its tied embedding was read in fp32): :func:`predict_load_peak` counts it from the shapes,
+and the run stops before loading when it exceeds the budget. Held out of the fit,
+the full Gemma 3n E2B text model (``benchmarks/e2b_memory.py --warmup-tokens 128``, 1 x 2048 tokens, fp32):
+measured 8.087 GiB, predicted 8.170 (ratio 0.990); with the per-layer table memory-mapped (``--embeddings disk``)
+6.240 GiB, predicted 6.295 (0.991). Before ``kernels.int8_linear`` and the int8 head it was 13.539 (13.556).
+Without :func:`return_freed_memory_to_os` the 4-layer E2B-width run peaked at 1.927 GiB instead of 1.165.
+Not measured here: CUDA (reserved memory, allocator slack) and bf16 activations, whose upcast temporaries make
+the per-token constants only roughly halve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gemma_lowmem.errors import UserError
+from gemma_lowmem.memory import BudgetTooSmall, GiB, WeightsExceedBudget, format_size, parse_size
+from gemma_lowmem.model import BUNDLED, INT8_SKIP_MODULES, load_dtype, offline_hint, resolve_model_path
+from kernels.int8_embedding import DEFAULT_CHUNK_ELEMENTS
+from kernels.linear_cross_entropy import DEFAULT_CHUNK_BYTES
+
+if TYPE_CHECKING:
+    from gemma_lowmem.config import ModelConfig, RunConfig
+
+SHIPPED_CONFIGS = {"gemma-3n-e2b": Path(__file__).parent / "configs" / "gemma3n_e2b_text.json"}
+
+BYTES_PER_WEIGHT = {"int8": 1.0, "nf4": 0.5, "none": None}
+# Bytes per quantized element beyond the payload: int8 keeps one fp32 scale per output row (added per row below),
+# nf4 one fp32 absmax per block of 64 elements.
+NF4_STATS_PER_WEIGHT = 4 / 64
+# LoRA parameters are fp32; each has a gradient and AdamW's two moments: 4 x 4 bytes.
+LORA_BYTES_PER_PARAM = 16
+# Linears kept out of int8: the tied head, and Gemma 3n's tiny AltUp maps (4 x 4, 4 x 16, 2048 x 4), whose weights
+# training reads as float matrices (``prediction_coefs.weight.data.clamp_``): ``llm_int8_skip_modules``.
+
+# Calibrated constants (see the module docstring for the measurements behind them).
+CPU_RUNTIME_BYTES = int(0.489 * GiB)  # peak RSS of a whole fit() on a 1-layer hidden-64 model (see the table)
+CUDA_RUNTIME_BYTES = 256 * 2**20  # allocator slack over allocated memory: an assumption, not measured (no GPU)
+RECOMPUTE_STREAM = 4.98  # one layer's recompute + backward, elements per token per unit of stream width
+RECOMPUTE_INTERMEDIATE = 15.8  # ... per unit of MLP width
+LAYER_FULL_FACTOR = 0.82  # without checkpointing each layer keeps this fraction of one layer's recompute
+LOSS_CHUNK_BYTES_PER_LOGIT = 8.24  # bytes per (chunk token x vocab) alive in the chunked loss's backward
+LOSS_CHUNK_CHOICES = (None, 128, 64, 32, 16)  # None: the loss's default (~256 MiB of fp32 logits)
+# Sequences through the policy per data row: preference pairs run chosen and rejected (the reference model's
+# pass is without grad and keeps no activations).
+TASK_FACTORS = {"preference": 2.0}
+EMBEDDINGS = ("float", "int8", "disk")
+# The settings the planner chooses (unless the user gave them).
+PLANNED = ("batch_size", "grad_accum", "gradient_checkpointing", "loss_chunk_size")
+
+
+def task_factor(task: str) -> float:
+    """Activation multiplier of a task for :func:`plan_memory`: 2.0 for preference pairs, else 1.0."""
+    return TASK_FACTORS.get(task, 1.0)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner reads off a model config, from the model built on the meta device.
+
+    Attributes:
+        num_layers: decoder layers.
+        hidden: hidden size H.
+        stream: width of what one layer hands the next (H; Gemma 3n's AltUp carries ``altup_num_inputs`` x H).
+        intermediate: the widest MLP.
+        attention_width: heads x head_dim.
+        heads: attention heads.
+        vocab: rows of the LM head.
+        per_layer_width: Gemma 3n's per-layer inputs per token (layers x ``hidden_size_per_layer_input``), else 0.
+        weight_bytes: frozen weight bytes by kind.
+        lora_params: trainable LoRA parameters.
+        int8_head: the LM head is the tied int8 embedding (the loss walks vocabulary blocks, see ``_activation_bytes``).
+        table_elements: elements of the float tables that turn int8 after loading (the tied embedding, Gemma 3n's
+            per-layer table), by :func:`describe_model`'s part names: the load reads them as floats first.
+    """
+
+    num_layers: int
+    hidden: int
+    stream: int
+    intermediate: int
+    attention_width: int
+    heads: int
+    vocab: int
+    per_layer_width: int
+    weight_bytes: dict[str, int]
+    lora_params: int
+    int8_head: bool = False
+    table_elements: dict[str, int] = field(default_factory=dict)
+
+
+def load_model_config(name: str) -> Any:
+    """A text model config from a config.json path, a model folder, ``gemma-3n-e2b`` (shipped), ``gemma-3-270m``
+    (bundled) or a hub id.
+
+    Multimodal configs (Gemma 3n) give their ``text_config``.
+
+    Raises:
+        UserError: when nothing loadable is found.
+    """
+    from transformers import AutoConfig
+
+    path = Path(name).expanduser()
+    if name in SHIPPED_CONFIGS:
+        path = SHIPPED_CONFIGS[name]
+    elif name in BUNDLED:
+        path = Path(resolve_model_path(name))
+    try:
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or "model_type" not in data:
+                raise UserError(f"{path}: not a model config (no model_type)")
+            config = AutoConfig.for_model(data.pop("model_type"), **data)
+        elif path.is_dir() or name.count("/") == 1 and not name.startswith((".", "/", "~")):
+            config = AutoConfig.from_pretrained(str(path) if path.is_dir() else name)
+        else:
+            raise UserError(
+                f"--model {name}: no such file or folder, and not a hub id (owner/name); "
+                f"shipped configs: {', '.join(SHIPPED_CONFIGS)}"
+            )
+    except OSError as err:  # a hub id without network, a missing or unreadable file
+        raise UserError(offline_hint(name, err)) from None
+    except (ValueError, json.JSONDecodeError) as err:
+        raise UserError(f"--model {name}: cannot read a model config ({str(err).splitlines()[0]})") from None
+    return getattr(config, "text_config", None) or config
+
+
+def describe_model(
+    model_config: Any,
+    *,
+    quant: str,
+    dtype_bytes: int,
+    embeddings: str = "int8",
+    lora_r: int = 16,
+    lora_targets: Sequence[str] = (),
+) -> ModelShape:
+    """Read the planner's view of a model off its config (built on the meta device: no memory, a few seconds).
+
+    Args:
+        model_config: a transformers text-model config.
+        quant: "int8", "nf4" or "none": how the decoder's linears are held (the LM head never is).
+        dtype_bytes: bytes per element of the frozen non-quantized weights (2 for bf16, 4 for fp32).
+        embeddings: how the big tables are held (:func:`embeddings_mode`): "float" in the weights' dtype; "int8"
+            row-wise (Gemma 3n's per-layer table, and the input embedding with its tied head); "disk" as "int8"
+            with the per-layer table memory-mapped from a file.
+        lora_r: LoRA rank.
+        lora_targets: projection names that get an adapter.
+
+    Returns:
+        The :class:`ModelShape`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if quant not in BYTES_PER_WEIGHT:
+        raise UserError(f"quant={quant!r} is not one of {', '.join(BYTES_PER_WEIGHT)}")
+    if embeddings not in EMBEDDINGS:
+        raise UserError(f"embeddings={embeddings!r} is not one of {', '.join(EMBEDDINGS)}")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    decoder = model.get_decoder()
+    table = getattr(decoder, "embed_tokens_per_layer", None)
+    head = model.get_output_embeddings()
+    per_quantized = BYTES_PER_WEIGHT[quant]
+
+    def quantized(name: str) -> bool:
+        return per_quantized is not None and name.rsplit(".", 1)[-1] not in INT8_SKIP_MODULES
+
+    weights = {"quantized linears": 0.0, "embedding and head": 0.0, "per-layer embedding": 0.0, "other frozen": 0.0}
+    tables: dict[str, int] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:  # a tied head shares the embedding's tensor
+                continue
+            seen.add(id(param))
+            if isinstance(module, torch.nn.Linear) and param_name == "weight" and quantized(name):
+                stats = 4 * param.shape[0] if quant == "int8" else param.numel() * NF4_STATS_PER_WEIGHT
+                weights["quantized linears"] += param.numel() * per_quantized + stats
+            elif module is table:
+                per_row = {"float": param.shape[1] * dtype_bytes, "int8": param.shape[1] + 4, "disk": 4}[embeddings]
+                weights["per-layer embedding"] += param.shape[0] * per_row
+                if embeddings != "float":
+                    tables["per-layer embedding"] = param.numel()
+            elif module is model.get_input_embeddings():
+                int8_rows = embeddings != "float" and head.weight is param  # only a tied embedding turns int8
+                per_row = param.shape[1] + 4 if int8_rows else param.shape[1] * dtype_bytes
+                weights["embedding and head"] += param.shape[0] * per_row
+                if int8_rows:
+                    tables["embedding and head"] = param.numel()
+            elif module is head:  # an untied head stays in the weights' dtype
+                weights["embedding and head"] += param.numel() * dtype_bytes
+            else:
+                weights["other frozen"] += param.numel() * dtype_bytes
+
+    targets = set(lora_targets)
+    lora = sum(
+        lora_r * (m.in_features + m.out_features)
+        for name, m in decoder.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    )
+    layers = list(decoder.layers)
+    cfg = model_config
+    altup = getattr(cfg, "altup_num_inputs", 1) or 1
+    intermediate = cfg.intermediate_size
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    per_layer = getattr(cfg, "hidden_size_per_layer_input", 0) or 0
+    return ModelShape(
+        num_layers=len(layers),
+        hidden=cfg.hidden_size,
+        stream=cfg.hidden_size * altup,
+        intermediate=max(intermediate) if isinstance(intermediate, (list, tuple)) else intermediate,
+        attention_width=heads * head_dim,
+        heads=heads,
+        vocab=head.weight.shape[0],
+        per_layer_width=per_layer * len(layers),
+        weight_bytes={k: int(v) for k, v in weights.items()},
+        lora_params=lora,
+        int8_head=embeddings != "float" and head.weight is model.get_input_embeddings().weight,
+        table_elements=tables,
+    )
+
+
+def predict_load_peak(shape: ModelShape, *, device_type: str, load_bytes: int, tables_on_cpu: bool = False
+                      ) -> dict[str, int]:
+    """Predicted peak of loading the model (bytes, by part), from the shapes; the peak is the sum.
+
+    ``model.load_base_model`` reads every float weight in the checkpoint's dtype (``load_bytes`` per element) and
+    the linears straight into int8. On a GPU the tables that turn int8 (:attr:`ModelShape.table_elements`) are
+    read onto the CPU and quantized into their int8 place a chunk at a time, so the GPU holds only final weights
+    and one chunk. On the CPU the float tables are resident while their int8 copies are made, and this is the
+    load's peak (a memory-mapped per-layer table, ``embeddings="disk"``, is written a chunk at a time).
+
+    Args:
+        shape: :func:`describe_model`'s result for the run's embeddings mode.
+        device_type: "cuda" (the GPU's allocated memory) or "cpu" (the process's RSS).
+        load_bytes: bytes per element of the float weights as read (2 for a bf16 checkpoint).
+        tables_on_cpu: on a GPU, the per-layer table stays on the CPU (``--embeddings-on-cpu``/``-on-disk``).
+
+    Returns:
+        ``{part: bytes}``.
+    """
+    parts: dict[str, float] = dict(shape.weight_bytes)
+    if device_type == "cuda" and tables_on_cpu:
+        parts.pop("per-layer embedding", None)
+    parts["runtime"] = CPU_RUNTIME_BYTES if device_type == "cpu" else CUDA_RUNTIME_BYTES
+    # one chunk of rows in fp32 and its int8 copy (tables), or the float weight of the largest linear (bitsandbytes)
+    parts["quantization chunk"] = DEFAULT_CHUNK_ELEMENTS * 5
+    if device_type == "cpu":
+        parts["float tables while quantized"] = sum(shape.table_elements.values()) * load_bytes
+    return {k: int(v) for k, v in parts.items() if v}
+
+
+def fixed_bytes(shape: ModelShape, device_type: str) -> int:
+    """What a step holds whatever the batch: frozen weights, the adapter's states and the runtime."""
+    runtime = CPU_RUNTIME_BYTES if device_type == "cpu" else CUDA_RUNTIME_BYTES
+    return sum(shape.weight_bytes.values()) + shape.lora_params * LORA_BYTES_PER_PARAM + runtime
+
+
+def default_loss_chunk(vocab: int) -> int:
+    """Tokens per loss chunk that ``kernels.linear_cross_entropy`` picks when none is given."""
+    return max(1, DEFAULT_CHUNK_BYTES // (vocab * 4))
+
+
+def _activation_bytes(
+    shape: ModelShape,
+    *,
+    batch_size: int,
+    seq_len: int,
+    act_bytes: int,
+    gradient_checkpointing: bool,
+    loss_chunk_size: int | None,
+    packed: bool,
+    task_factor: float,
+) -> dict[str, float]:
+    tokens = batch_size * seq_len * task_factor  # (B x T) rows of tokens through the policy, per micro-batch
+    a = act_bytes
+    h = shape.hidden
+    masks = 2 * batch_size * seq_len * seq_len * task_factor if packed else 0  # (B, 1, T, T) bool, full + sliding
+    per_layer_recompute = tokens * a * (RECOMPUTE_STREAM * shape.stream + RECOMPUTE_INTERMEDIATE * shape.intermediate)
+    # Gemma 3n's per-layer inputs (B, T, layers x 256) feed every layer; packed rows carry their masks
+    out = {"model-level activations": tokens * a * shape.per_layer_width + masks}
+    if gradient_checkpointing:
+        out["layer inputs kept by checkpointing"] = tokens * a * shape.num_layers * shape.stream
+        layer = per_layer_recompute
+    else:
+        out["all layers' activations"] = shape.num_layers * LAYER_FULL_FACTOR * per_layer_recompute
+        layer = 0.0
+    if shape.int8_head and loss_chunk_size is None:
+        # Vocabulary blocks of the int8 head: a block's fp32 logits (tokens x rows) and its dequantized fp32 weights
+        # (rows x H) share DEFAULT_CHUNK_BYTES.
+        rows = min(DEFAULT_CHUNK_BYTES / 4 / (tokens + h), shape.vocab)  # no block beyond the vocabulary
+        logits, block_weights = tokens * rows, rows * h * 4
+    else:
+        logits = min(loss_chunk_size or default_loss_chunk(shape.vocab), int(tokens)) * shape.vocab
+        block_weights = logits * h * 4 / tokens if shape.int8_head else 0.0  # as many logits, rows of H fp32
+    loss = logits * LOSS_CHUNK_BYTES_PER_LOGIT + block_weights + 2 * tokens * h * a  # + hidden and its gradient
+    # The loss's backward finishes before the last layer's recompute starts: only the larger is alive.
+    out["one layer's recompute" if layer >= loss else "loss chunk"] = max(layer, loss)
+    return out
+
+
+def predict_peak(
+    model_config: Any,
+    *,
+    quant: str,
+    dtype_bytes: int,
+    lora_r: int,
+    lora_targets: Sequence[str],
+    batch_size: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+    loss_chunk_size: int | None,
+    device_type: str,
+    act_bytes: int | None = None,
+    packed: bool = True,
+    embeddings: str = "int8",
+    task_factor: float = 1.0,
+    shape: ModelShape | None = None,
+) -> dict[str, int]:
+    """Predicted peak memory of one training step, by part (bytes); the peak is the sum.
+
+    Args:
+        model_config: the text model's config.
+        quant, dtype_bytes, embeddings, lora_r, lora_targets: as in :func:`describe_model`.
+        batch_size: rows per micro-batch.
+        seq_len: tokens per row.
+        gradient_checkpointing: recompute each layer in backward.
+        loss_chunk_size: tokens per loss chunk (None: the loss's default).
+        device_type: "cpu" (peak RSS, with the Python runtime) or "cuda" (peak reserved).
+        act_bytes: bytes per activation element (the autocast dtype; default ``dtype_bytes``).
+        packed: packed rows carry two (B, 1, T, T) masks.
+        task_factor: sequences through the policy per row (2.0 for preference pairs, see :func:`plan_memory`).
+        shape: a :func:`describe_model` result to reuse (skips the meta-device build).
+
+    Returns:
+        ``{part: bytes}``.
+    """
+    shape = shape or describe_model(
+        model_config, quant=quant, dtype_bytes=dtype_bytes, embeddings=embeddings, lora_r=lora_r,
+        lora_targets=lora_targets,
+    )
+    parts: dict[str, float] = dict(shape.weight_bytes)
+    parts["LoRA weights, grads, AdamW"] = shape.lora_params * LORA_BYTES_PER_PARAM
+    parts["runtime"] = CPU_RUNTIME_BYTES if device_type == "cpu" else CUDA_RUNTIME_BYTES
+    parts.update(
+        _activation_bytes(
+            shape, batch_size=batch_size, seq_len=seq_len, act_bytes=act_bytes or dtype_bytes,
+            gradient_checkpointing=gradient_checkpointing, loss_chunk_size=loss_chunk_size, packed=packed,
+            task_factor=task_factor,
+        )
+    )
+    return {k: int(v) for k, v in parts.items() if v}
+
+
+@dataclass
+class MemoryPlan:
+    """The planner's choices for a budget, and the predicted peak they give.
+
+    Attributes:
+        batch_size: rows of ``max_seq_length`` tokens per micro-batch.
+        grad_accum: micro-batches per optimizer step (``batch_size * grad_accum`` rows reach the global batch).
+        gradient_checkpointing: recompute each layer in backward.
+        loss_chunk_size: tokens per loss chunk (None: the loss's default, ~256 MiB of fp32 logits).
+        predicted_peak: bytes (the sum of ``breakdown``).
+        breakdown: ``{part: bytes}``.
+        budget: the budget in bytes.
+        seq_len: tokens per row the plan was made for.
+        load_peak: predicted peak of loading the model, bytes (:func:`predict_load_peak`; 0: not predicted).
+    """
+
+    batch_size: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    loss_chunk_size: int | None
+    predicted_peak: int
+    breakdown: dict[str, int]
+    budget: int
+    seq_len: int = 0
+    load_peak: int = 0
+
+    def table(self) -> str:
+        """A readable table: each part of the predicted peak, the total against the budget, and the choices."""
+        width = max(len(k) for k in [*self.breakdown, "predicted peak"]) + 2
+        lines = [f"{'part':<{width}}{'GiB':>8}", "-" * (width + 8)]
+        lines += [f"{k:<{width}}{v / GiB:>8.2f}" for k, v in self.breakdown.items()]
+        lines += ["-" * (width + 8), f"{'predicted peak':<{width}}{self.predicted_peak / GiB:>8.2f}",
+                  f"{'budget':<{width}}{self.budget / GiB:>8.2f}"]
+        if self.load_peak:
+            lines.append(f"{'loading (peak)':<{width}}{self.load_peak / GiB:>8.2f}")
+        lines.append("")
+        chunk = "default" if self.loss_chunk_size is None else f"{self.loss_chunk_size} tokens"
+        lines += [
+            f"micro-batch: {self.batch_size} x {self.seq_len} tokens; grad_accum {self.grad_accum} "
+            f"(global batch {self.batch_size * self.grad_accum} rows)",
+            f"gradient checkpointing: {'on' if self.gradient_checkpointing else 'off'}; loss chunk: {chunk}",
+        ]
+        return "\n".join(lines)
+
+    def apply(self, cfg: RunConfig) -> RunConfig:
+        """A copy of ``cfg`` with the plan's batch size, accumulation, checkpointing and loss chunk."""
+        train = replace(
+            cfg.train, batch_size=self.batch_size, grad_accum=self.grad_accum,
+            gradient_checkpointing=self.gradient_checkpointing,
+            loss_chunk_size=self.loss_chunk_size if cfg.train.chunked_loss else cfg.train.loss_chunk_size,
+        )
+        return replace(cfg, train=train)
+
+
+def plan_memory(
+    model_config: Any,
+    *,
+    budget: int | str,
+    quant: str,
+    dtype_bytes: int,
+    lora_r: int,
+    lora_targets: Sequence[str],
+    max_seq_length: int,
+    global_batch_tokens: int,
+    device_type: str,
+    task_factor: float = 1.0,
+    act_bytes: int | None = None,
+    embeddings: str = "int8",
+    packed: bool = True,
+    shape: ModelShape | None = None,
+    fixed: dict[str, Any] | None = None,
+) -> MemoryPlan:
+    """Choose micro-batch, accumulation, checkpointing and loss chunk so that the predicted peak fits ``budget``.
+
+    Preference, fastest first: checkpointing off (recompute costs about a third more compute) over a larger
+    micro-batch; then the largest micro-batch that divides the global batch (so that ``batch_size * grad_accum``
+    is exactly the global batch in rows); then the largest loss chunk. Choices in ``fixed`` are kept.
+
+    Args:
+        model_config: the text model's config.
+        budget: bytes, or a size as ``--max-mem`` takes it (``8GB``: errors quote it as given).
+        quant, dtype_bytes, lora_r, lora_targets, embeddings: as in :func:`describe_model`.
+        max_seq_length: tokens per row (packed rows are this long).
+        global_batch_tokens: tokens per optimizer step to reach (rounded up to whole rows).
+        device_type: "cpu" or "cuda".
+        task_factor: sequences through the policy per row: 1.0 for SFT; 2.0 for preference pairs (chosen and
+            rejected both keep activations; the reference model's pass runs without grad and keeps none).
+        act_bytes: bytes per activation element (default ``dtype_bytes``).
+        packed: rows are packed (they carry block-diagonal masks).
+        shape: a :func:`describe_model` result to reuse (skips the meta-device build).
+        fixed: choices the user made, kept as they are: ``batch_size`` (with ``grad_accum``: the micro-batch split
+            of the global batch), ``gradient_checkpointing``, ``loss_chunk_size``.
+
+    Returns:
+        The :class:`MemoryPlan`.
+
+    Raises:
+        WeightsExceedBudget: the frozen weights, adapter states and runtime alone exceed the budget.
+        BudgetTooSmall: even one row with checkpointing and the smallest loss chunk does not fit, or nothing fits
+            with the ``fixed`` choices (the message names them).
+    """
+    shape = shape or describe_model(
+        model_config, quant=quant, dtype_bytes=dtype_bytes, embeddings=embeddings, lora_r=lora_r,
+        lora_targets=lora_targets,
+    )
+    rows = max(1, -(-global_batch_tokens // max_seq_length))
+
+    def predict(batch: int, checkpointing: bool, chunk: int | None, seq: int = max_seq_length) -> dict[str, int]:
+        return predict_peak(
+            model_config, quant=quant, dtype_bytes=dtype_bytes, lora_r=lora_r, lora_targets=lora_targets,
+            batch_size=batch, seq_len=seq, gradient_checkpointing=checkpointing, loss_chunk_size=chunk,
+            device_type=device_type, act_bytes=act_bytes, packed=packed, task_factor=task_factor,
+            shape=shape,
+        )
+
+    label = budget if isinstance(budget, str) else format_size(budget)
+    budget = parse_size(budget) if isinstance(budget, str) else budget
+    baseline = fixed_bytes(shape, device_type)
+    needed = sum(predict(1, True, LOSS_CHUNK_CHOICES[-1]).values())  # the smallest plan
+    if baseline > budget:
+        raise WeightsExceedBudget(
+            f"--max-mem {label} is below the frozen weights, adapter and runtime alone "
+            f"({format_size(baseline)} with --quant {quant}); training needs at least {format_size(needed)}",
+            needed=needed,
+        )
+    fixed = fixed or {}
+    if "batch_size" in fixed:
+        batches = [fixed["batch_size"]]
+        rows = fixed["batch_size"] * fixed.get("grad_accum", -(-rows // fixed["batch_size"]))
+    else:
+        batches = [b for b in range(rows, 0, -1) if rows % b == 0]  # divisors: accumulation hits the global batch
+    checkpointing_choices = [fixed["gradient_checkpointing"]] if "gradient_checkpointing" in fixed else [False, True]
+    chunks = [fixed["loss_chunk_size"]] if "loss_chunk_size" in fixed else LOSS_CHUNK_CHOICES
+    for checkpointing in checkpointing_choices:
+        for batch in batches:
+            for chunk in chunks:
+                parts = predict(batch, checkpointing, chunk)
+                peak = sum(parts.values())
+                if peak <= budget:
+                    return MemoryPlan(batch, rows // batch, checkpointing, chunk, peak, parts, budget,
+                                      max_seq_length)
+    if fixed and needed <= budget:
+        smallest = min(sum(predict(b, c, k).values()) for b in batches for c in checkpointing_choices for k in chunks)
+        settings = ", ".join(f"{name}={value}" for name, value in fixed.items())
+        raise BudgetTooSmall(
+            f"--max-mem {label}: with the settings you gave ({settings}) the predicted peak is "
+            f"{format_size(smallest)}; leave them out to let the planner choose, or give more memory",
+            needed=smallest,
+        )
+    shorter = next((seq for seq in (max_seq_length >> i for i in range(1, 8))
+                    if seq >= 64 and sum(predict(1, True, LOSS_CHUNK_CHOICES[-1], seq).values()) <= budget), None)
+    hint = f"--max-seq-length {shorter} fits" if shorter else "no row length of 64 tokens or more fits"
+    raise BudgetTooSmall(
+        f"--max-mem {label} is too small for rows of {max_seq_length} tokens: one row with "
+        f"checkpointing needs {format_size(needed)}; give more memory, or a smaller --max-seq-length ({hint})",
+        needed=needed,
+    )
+
+
+def embeddings_mode(model: ModelConfig, device_type: str = "cpu") -> str:
+    """How a run holds the big embedding tables, for :func:`describe_model`: "float", "int8" or "disk".
+
+    On a GPU ``--embeddings-on-cpu`` counts as "disk": the per-layer table is off the device either way (only its
+    scales, 4 bytes a row, are counted; they too stay on the CPU).
+    """
+    if not model.int8_embeddings:
+        return "float"
+    off_device = model.embeddings_on_cpu and device_type == "cuda"
+    return "disk" if model.embeddings_on_disk or off_device else "int8"
+
+
+def plan_run(cfg: RunConfig, model_config: Any, device: torch.device, keep: Collection[str] = ()) -> MemoryPlan:
+    """The memory plan of a training run: ``cfg.train.max_mem`` for rows of ``pack_len`` (or ``max_seq_length``)
+    tokens and the config's global batch (``batch_size * grad_accum`` rows).
+
+    Args:
+        cfg: the run's config.
+        model_config: the text model's config (:func:`load_model_config`).
+        device: where the run trains (picks the weights' and activations' dtypes as the run will).
+        keep: names among :data:`PLANNED` whose config values the plan must keep (the ones the user gave);
+            ``batch_size`` and ``grad_accum`` are kept together.
+
+    Returns:
+        The :class:`MemoryPlan` (``plan.apply(cfg)`` gives the config to train with).
+
+    Raises:
+        BudgetTooSmall: as :func:`plan_memory`.
+    """
+    from gemma_lowmem.device import resolve_precision, weight_dtype
+
+    train = cfg.train
+    seq = (train.pack_len or cfg.data.max_seq_length) if train.packing else cfg.data.max_seq_length
+    fixed = {name: getattr(train, name) for name in PLANNED if name in keep}
+    if "batch_size" in fixed or "grad_accum" in fixed:
+        fixed.update(batch_size=train.batch_size, grad_accum=train.grad_accum)
+    if not train.chunked_loss:  # the model's own loss: full logits of every position, as one "chunk"
+        fixed["loss_chunk_size"] = train.batch_size * seq
+    autocast = resolve_precision(device, train.precision).dtype
+    weights = weight_dtype(device, cfg.model.dtype, train.precision)
+    shape = describe_model(model_config, quant=cfg.model.quant, dtype_bytes=weights.itemsize,
+                           embeddings=embeddings_mode(cfg.model, device.type), lora_r=cfg.lora.r,
+                           lora_targets=cfg.lora.target_modules)
+    load = sum(predict_load_peak(
+        shape, device_type=device.type, load_bytes=load_dtype(model_config, weights).itemsize,
+        tables_on_cpu=cfg.model.embeddings_on_cpu or cfg.model.embeddings_on_disk,
+    ).values())
+    plan = plan_memory(
+        model_config, budget=train.max_mem, quant=cfg.model.quant, dtype_bytes=weights.itemsize, lora_r=cfg.lora.r,
+        lora_targets=cfg.lora.target_modules, max_seq_length=seq, global_batch_tokens=train.batch_size
+        * train.grad_accum * seq, device_type=device.type, task_factor=task_factor(cfg.data.task),
+        act_bytes=torch.finfo(autocast).bits // 8 if autocast else 4, packed=train.packing, fixed=fixed, shape=shape,
+    )
+    if load > plan.budget:  # after the step's plan: a budget below the weights says so first
+        raise BudgetTooSmall(
+            f"--max-mem {train.max_mem}: loading {cfg.model.model} peaks at {format_size(load)} "
+            f"(float tables read before they turn int8); give --max-mem {math.ceil(load / 1e9 * 10) / 10:.1f}GB"
+            + ("" if device.type == "cpu" or cfg.model.embeddings_on_cpu else " or --embeddings-on-cpu"),
+            needed=load,
+        )
+    return replace(plan, load_peak=load)
