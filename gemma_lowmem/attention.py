@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -134,26 +134,10 @@ def packed_sdpa_attention_forward(
 
 
 def register() -> None:
-    """Register :data:`PACKED_SDPA` with transformers (attention function and sdpa masks); safe to call again."""
+    """Register :data:`PACKED_SDPA` with transformers (attention function and sdpa masks); safe to call again.
+
+    ``model.load_base_model`` calls it; code that builds a model with ``attn_implementation=PACKED_SDPA`` itself
+    calls it first.
+    """
     AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention_forward)
     AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
-
-
-def use_packed_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """Switch a loaded model (or a PEFT model wrapping one) to :data:`PACKED_SDPA`.
-
-    Args:
-        model: a transformers model, possibly wrapped by PEFT.
-
-    Returns:
-        The same model, switched in place.
-    """
-    register()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not isinstance(base, PreTrainedModel):
-        raise TypeError(f"use_packed_attention needs a transformers model, got {type(base).__name__}")
-    base.set_attn_implementation(PACKED_SDPA)
-    return model
-
-
-register()

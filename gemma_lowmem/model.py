@@ -23,7 +23,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-import gemma_lowmem.attention  # noqa: F401  (registers the per-document attention, the default --attn-implementation)
+from gemma_lowmem import attention
 from gemma_lowmem.config import LoraConfig, ModelConfig
 from gemma_lowmem.device import weight_dtype
 from gemma_lowmem.errors import UserError
@@ -257,6 +257,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device, precision: str = "au
     """
     path = resolve_model_path(cfg.model)
     dtype = weight_dtype(device, cfg.dtype, precision)
+    attention.register()  # the per-document attention, the default --attn-implementation
     kwargs = _text_only(path)
     config = kwargs["config"]
     tables = _big_tables(config, bool(getattr(config, "tie_word_embeddings", False))) if cfg.int8_embeddings else []

@@ -4,19 +4,21 @@ reference with the adapter off, the on-disk cache, and a tiny model that learns 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import pytest
 import torch
 
 from gemma_lowmem.config import LoraConfig, TrainConfig
-from gemma_lowmem.data.collate import IGNORE_INDEX, collate
+from gemma_lowmem.data.collate import IGNORE_INDEX, collate, to_device
 from gemma_lowmem.dpo import (
     METRICS,
     cached_reference_logps,
     collate_pairs,
     dpo_loss,
     dpo_loss_ref,
-    evaluate_pairs,
     make_dpo_loss,
     pair_collate_fn,
     pair_example,
@@ -32,6 +34,49 @@ from tests.tiny import VOCAB, tiny_gemma3, tiny_gemma3n
 MODELS = {"gemma3": tiny_gemma3, "gemma3n": tiny_gemma3n}
 LOSS_CASES = [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0)]
 
+
+
+@torch.no_grad()
+def evaluate_pairs(
+    model: torch.nn.Module,
+    examples: Sequence[dict[str, Any]],
+    collate_fn: Callable[[Sequence[Sequence[dict]]], dict[str, Any]],
+    loss_fn: Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    *,
+    batch_size: int = 4,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> dict[str, float]:
+    """Mean pair loss and metrics of the policy over examples that carry ``ref_logps`` (dropout off).
+
+    Args:
+        model: the policy.
+        examples: pair examples with ``ref_logps``.
+        collate_fn: e.g. :func:`pair_collate_fn`.
+        loss_fn: e.g. from :func:`make_dpo_loss`.
+        batch_size: pairs per forward.
+        autocast: the run's autocast.
+
+    Returns:
+        ``{"loss", "reward_accuracy", "margin", "chosen_logp", "rejected_logp", "kl", "pairs"}``, means per pair.
+    """
+    if not examples:
+        raise ValueError("no pairs to evaluate")
+    device = next(model.parameters()).device
+    totals: dict[str, torch.Tensor] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = to_device(collate_fn([[ex] for ex in examples[start:start + batch_size]]), device)
+            with autocast():
+                loss, metrics = loss_fn(model, batch)
+            for name, value in {"loss": loss, **metrics}.items():
+                totals[name] = totals.get(name, 0) + value.detach().float()
+    finally:
+        model.train(was_training)
+    means = {name: value.item() / len(examples) for name, value in totals.items()}  # host sync: once per metric
+    means["pairs"] = len(examples)
+    return means
 
 def random_logps(p: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
     """Four (P,) sequence log-probabilities of plausible size (tens of nats, chosen and rejected apart)."""

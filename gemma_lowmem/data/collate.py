@@ -18,17 +18,6 @@ from gemma_lowmem.data.packing import document_runs, packed_attention_masks, pac
 IGNORE_INDEX = -100
 
 
-def _padded_len(longest: int, pad_to_length: int | None, pad_to_multiple_of: int | None) -> int:
-    total = longest
-    if pad_to_length is not None:
-        if pad_to_length < longest:
-            raise ValueError(f"pad_to_length={pad_to_length} is shorter than the longest row ({longest} tokens)")
-        total = pad_to_length
-    if pad_to_multiple_of is not None:
-        total = -(-total // pad_to_multiple_of) * pad_to_multiple_of
-    return total
-
-
 def collate(
     rows: Sequence[Sequence[dict]],
     *,
@@ -37,8 +26,6 @@ def collate(
     sliding_window: int | None = None,
     attn_implementation: str = "sdpa",
     mask_dtype: torch.dtype = torch.float32,
-    pad_to_multiple_of: int | None = None,
-    pad_to_length: int | None = None,
 ) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
     """Right-pad rows into a batch; packed rows also get per-document positions and block-diagonal masks.
 
@@ -54,8 +41,6 @@ def collate(
         attn_implementation: the model's ``config._attn_implementation`` (packed only): "sdpa" or "eager" select
             boolean or additive (T, T) masks, :data:`~gemma_lowmem.attention.PACKED_SDPA` the (B, T) document ids.
         mask_dtype: dtype of eager additive masks (the attention scores' dtype).
-        pad_to_multiple_of: round T up to a multiple of this.
-        pad_to_length: pad every row to exactly this T (e.g. pack_len, for fixed shapes); must fit the longest row.
 
     Returns:
         ``input_ids`` (B, T) long; ``labels`` (B, T) long with -100 on pads and document starts;
@@ -83,7 +68,7 @@ def collate(
                 )
         doc_lengths.append([len(ex["input_ids"]) for ex in row])
     row_lengths = [sum(docs) for docs in doc_lengths]
-    total = _padded_len(max(row_lengths), pad_to_length, pad_to_multiple_of)
+    total = max(row_lengths)
 
     input_ids = torch.full((len(rows), total), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(rows), total), IGNORE_INDEX, dtype=torch.long)  # (B, T)

@@ -13,14 +13,11 @@ Modes:
   every epoch); the bins are shuffled each epoch and grouped ``batch_size`` rows per micro-batch.
 
 Data-parallel sharding: every rank plans the same global list of micro-batches and takes every ``world_size``-th
-one (rank r takes r, r + W, ...), so all ranks get the same count. When the count does not divide by W:
-- ``drop_last=False``: the rows of the leftover micro-batches (and of the last full round, when fewer rows than
-  ranks are left over) are sorted by length and re-split into W (or 2W) smaller micro-batches, one (or two) per rank,
-  so every example is still seen exactly once per epoch. This is impossible only when the rows cannot be shared
-  evenly at all (``batch_size`` 1 with a row count not divisible by W, or fewer rows than ranks); then fewer than W
-  leftover rows are seen twice.
-- ``drop_last=True``: micro-batches with fewer than ``batch_size`` rows and the leftover ones are dropped, so every
-  micro-batch is full and no example repeats.
+one (rank r takes r, r + W, ...), so all ranks get the same count. When the count does not divide by W, the rows
+of the leftover micro-batches (and of the last full round, when fewer rows than ranks are left over) are sorted by
+length and re-split into W (or 2W) smaller micro-batches, one (or two) per rank, so every example is still seen
+exactly once per epoch. This is impossible only when the rows cannot be shared evenly at all (``batch_size`` 1 with a
+row count not divisible by W, or fewer rows than ranks); then fewer than W leftover rows are seen twice.
 """
 
 from __future__ import annotations
@@ -40,13 +37,9 @@ def _chunks(items: list, size: int) -> list[list]:
 
 
 def _shard(
-    batches: list[list[list[int]]], lengths: np.ndarray, batch_size: int, rank: int, world_size: int, drop_last: bool
+    batches: list[list[list[int]]], lengths: np.ndarray, batch_size: int, rank: int, world_size: int
 ) -> list[list[list[int]]]:
     """This rank's share of the global micro-batches (see the module docstring for the remainder)."""
-    if drop_last:
-        batches = [mb for mb in batches if len(mb) == batch_size]
-        rounds = len(batches) // world_size
-        return batches[rank : rounds * world_size : world_size]
     rounds = len(batches) // world_size
     if rounds * world_size == len(batches):
         return batches[rank::world_size]
@@ -78,7 +71,6 @@ def plan_epoch(
     pack_len: int | None = None,
     rank: int = 0,
     world_size: int = 1,
-    drop_last: bool = False,
 ) -> list[list[list[int]]]:
     """This rank's micro-batches for one epoch.
 
@@ -91,7 +83,6 @@ def plan_epoch(
         pack_len: tokens per packed row (mode "pack" only); every example must fit.
         rank: this process's data-parallel rank.
         world_size: number of data-parallel ranks.
-        drop_last: drop short micro-batches (see the module docstring).
 
     Returns:
         Micro-batches, each a list of rows, each row a list of example indices.
@@ -122,7 +113,7 @@ def plan_epoch(
         bins = fill_bins(lens.tolist(), pack_len)
         rows = [bins[j] for j in rng.permutation(len(bins)).tolist()]
         batches = _chunks(rows, batch_size)
-    return _shard(batches, lens, batch_size, rank, world_size, drop_last)
+    return _shard(batches, lens, batch_size, rank, world_size)
 
 
 def _row_lengths(micro_batch: list[list[int]], lengths: Sequence[int]) -> list[int]:

@@ -40,15 +40,6 @@ def test_unpacked_pads_right_and_masks_labels() -> None:
     assert batch["num_loss_tokens"].item() == 3 and batch["num_tokens"].item() == 6
 
 
-def test_padding_length_options() -> None:
-    a = {"input_ids": [5, 6, 7], "labels": [5, 6, 7]}
-    assert collate([[a]], pad_id=1, packed=False, pad_to_multiple_of=8)["input_ids"].shape == (1, 8)
-    batch = collate([[a, a]], pad_id=1, packed=True, pad_to_length=10, pad_to_multiple_of=4)
-    assert batch["input_ids"].shape == (1, 12) and batch["attention_mask"]["full_attention"].shape == (1, 1, 12, 12)
-    with pytest.raises(ValueError, match="shorter than the longest row"):
-        collate([[a, a]], pad_id=1, packed=True, pad_to_length=5)
-
-
 def test_packed_positions_labels_and_counts() -> None:
     a = {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}
     b = {"input_ids": [8, 9], "labels": [8, 9]}

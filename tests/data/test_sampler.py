@@ -106,17 +106,6 @@ def test_sharding_repeats_only_when_rows_cannot_be_shared(n: int, world_size: in
     assert set(seen) == set(range(n)) and 0 < len(seen) - n < world_size
 
 
-@pytest.mark.parametrize("mode", list(MODE_ARGS))
-def test_drop_last_keeps_only_full_micro_batches(mode: str) -> None:
-    lengths = random_lengths(1003)
-    shards = [plan_epoch(lengths, 4, seed=0, epoch=0, mode=mode, rank=r, world_size=3, drop_last=True,
-                         **MODE_ARGS[mode]) for r in range(3)]
-    assert len({len(s) for s in shards}) == 1
-    assert all(len(mb) == 4 for s in shards for mb in s)
-    seen = [i for s in shards for i in flat(s)]
-    assert len(seen) == len(set(seen))
-
-
 def test_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="mode='sorted'"):
         plan_epoch([5], 1, seed=0, epoch=0, mode="sorted")
