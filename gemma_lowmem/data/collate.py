@@ -37,7 +37,8 @@ def collate(
         rows: B rows, each a list of examples (exactly one per row when not packed).
         pad_id: token id written into pad slots (they carry no loss and, packed, attend only to themselves).
         packed: rows hold several documents that must not see each other.
-        sliding_window: the model's ``config.sliding_window`` (packed only; None if it has no sliding layers).
+        sliding_window: the model's ``config.sliding_window`` (packed only; None if it has no sliding layers: then
+            the mask is one (B, 1, T, T) tensor, as models without per-layer-type masks take it).
         attn_implementation: the model's ``config._attn_implementation`` (packed only): "sdpa" or "eager" select
             boolean or additive (T, T) masks, :data:`~gemma_lowmem.attention.PACKED_SDPA` the (B, T) document ids.
         mask_dtype: dtype of eager additive masks (the attention scores' dtype).
@@ -79,7 +80,14 @@ def collate(
         labels[b, : row_lengths[b]] = torch.tensor(labs, dtype=torch.long)
 
     batch: dict[str, torch.Tensor | dict[str, torch.Tensor]] = {"input_ids": input_ids, "labels": labels}
-    if packed:
+    if packed and sliding_window is None:
+        # A model without sliding layers (Llama, Qwen2) takes one 4D mask, not Gemma's dict of per-layer-type masks;
+        # under PACKED_SDPA it reaches transformers' sdpa, which the packed attention falls back to.
+        implementation = "sdpa" if attn_implementation == PACKED_SDPA else attn_implementation
+        batch["position_ids"] = packed_position_ids(doc_lengths, total)
+        batch["attention_mask"] = packed_attention_masks(
+            doc_lengths, total, sliding_window=None, implementation=implementation, dtype=mask_dtype)["full_attention"]
+    elif packed:
         batch["position_ids"] = packed_position_ids(doc_lengths, total)
         batch["attention_mask"] = packed_attention_masks(
             doc_lengths, total, sliding_window=sliding_window, implementation=attn_implementation, dtype=mask_dtype
