@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
-from gemma_lowmem.attention import PACKED_SDPA
+from gemma_lowmem.attention import PACKED_SDPA, register
 from gemma_lowmem.data.collate import IGNORE_INDEX, collate
 from tests.tiny import VOCAB, tiny_gemma3, tiny_gemma3n
 
@@ -60,8 +60,12 @@ def test_packed_positions_labels_and_counts() -> None:
 
 def test_eager_masks_take_mask_dtype() -> None:
     a = {"input_ids": [5, 6, 7], "labels": [5, 6, 7]}
-    batch = collate([[a, a]], pad_id=0, packed=True, attn_implementation="eager", mask_dtype=torch.bfloat16)
+    batch = collate([[a, a]], pad_id=0, packed=True, sliding_window=2, attn_implementation="eager",
+                    mask_dtype=torch.bfloat16)
     assert batch["attention_mask"]["full_attention"].dtype == torch.bfloat16
+    # no sliding layers (Llama-shaped): one (B, 1, T, T) mask, as such models take it
+    single = collate([[a, a]], pad_id=0, packed=True, attn_implementation="eager", mask_dtype=torch.bfloat16)
+    torch.testing.assert_close(single["attention_mask"], batch["attention_mask"]["full_attention"])
 
 
 def test_packed_sdpa_batches_carry_document_ids() -> None:
@@ -105,6 +109,7 @@ def forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
                  position_ids=batch.get("position_ids"), use_cache=False).logits
 
 
+register()  # the tiny models below are built with attn_implementation=PACKED_SDPA
 MODELS = {"gemma3": tiny_gemma3, "gemma3n": tiny_gemma3n}
 CASES = [(name, impl) for name in MODELS for impl in ("sdpa", "eager", PACKED_SDPA)]
 
