@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gemma_lowmem.memory import INT8_SKIP_MODULES, GiB, _status_kib, return_freed_memory_to_os
+from gemma_lowmem.memory import GiB, _status_kib, return_freed_memory_to_os
+from gemma_lowmem.model import INT8_SKIP_MODULES
 from gemma_lowmem.planner import EMBEDDINGS, load_model_config, predict_peak
 
 # Standard deviation of integers drawn uniformly from [-127, 127]: sqrt((255^2 - 1) / 12).

@@ -35,9 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from benchmarks.e2b_memory import build_random_int8, override_config, random_examples  # noqa: E402
 from gemma_lowmem.config import DataConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from gemma_lowmem.device import bf16_supported, default_device, resolve_precision, weight_dtype  # noqa: E402
-from gemma_lowmem.memory import GiB, PeakMemory, plan_run  # noqa: E402
+from gemma_lowmem.memory import GiB, PeakMemory  # noqa: E402
 from gemma_lowmem.model import add_lora, load_base_model  # noqa: E402
-from gemma_lowmem.planner import load_model_config
+from gemma_lowmem.planner import (
+    load_model_config,
+    plan_run,  # noqa: E402
+)
 from gemma_lowmem.train import fit  # noqa: E402
 
 # Gemma 3n widths shrunk for --cpu-smoke: one layer, hidden 64, vocabulary 512.
