@@ -80,7 +80,8 @@ def _convert_gguf(gguf: Path) -> str:
         return str(out)
     log.info("converting %s to a safetensors folder (once): %s", gguf, out)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+        # float32, the dtype transformers reads GGUF in (it warns for any other); the saved folder is bf16 below
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (ValueError, KeyError, OSError) as err:
         raise UserError(f"{gguf}: cannot load this GGUF with transformers ({str(err).splitlines()[0]})") from None
