@@ -280,7 +280,7 @@ def test_e2b_loads_and_trains_inside_8gb_on_a_simulated_t4(monkeypatch, on_cpu, 
     cfg = RunConfig(model=ModelConfig(model=E2B, embeddings_on_cpu=on_cpu, embeddings_on_disk=on_disk),
                     data=DataConfig(max_seq_length=2048), train=TrainConfig(max_mem="8GB", batch_size=1, grad_accum=1))
     plan = plan_run(cfg, config, torch.device("cuda", 0))
-    assert 0 < plan.load_peak < 8e9 / GiB * GiB and plan.load_peak < 7.45 * GiB
+    assert 0 < plan.load_peak < 7.45 * GiB
     assert plan.predicted_peak <= plan.budget
     # before: the fp16 per-layer table (3.75 GiB) loaded onto the GPU and its int8 copy (1.9 GiB) made beside it
     per_layer_float = 262_144 * 7_680 * 2
