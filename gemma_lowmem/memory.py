@@ -56,9 +56,9 @@ def format_size(n_bytes: float) -> str:
     return f"{n_bytes / GiB:.2f} GiB"
 
 
-def _status_kib(field: str) -> int | None:
+def _status_kib(field: str, path: str = "/proc/self/status") -> int | None:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(path).read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
@@ -161,6 +161,27 @@ def enforce_cap(budget: int, device: torch.device) -> float | None:
     fraction = min(1.0, budget / total)
     torch.cuda.set_per_process_memory_fraction(fraction, device)
     return fraction
+
+
+def free_bytes(device: torch.device, budget: int | None = None) -> int:
+    """Bytes this process can still allocate on ``device`` (0 when unknown).
+
+    CUDA: the device's free memory plus the allocator's cached blocks, within the cap :func:`enforce_cap` set.
+    CPU: the kernel's ``MemAvailable``. With ``budget`` (``--max-mem``), also no more than the budget less what
+    the process holds now (CUDA allocated; CPU resident).
+    """
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        cap = torch.cuda.get_per_process_memory_fraction(device) * total
+        available = min(free + torch.cuda.memory_reserved(device) - allocated, cap - allocated)
+        in_use = allocated
+    else:
+        available = (_status_kib("MemAvailable", "/proc/meminfo") or 0) * 1024
+        in_use = (_status_kib("VmRSS") or 0) * 1024
+    if budget is not None:
+        available = min(available, budget - in_use)
+    return max(0, int(available))
 
 
 def is_oom(err: BaseException) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from bitsandbytes.nn import Linear8bitLt
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
@@ -27,7 +28,9 @@ from gemma_lowmem import attention
 from gemma_lowmem.config import LoraConfig, ModelConfig
 from gemma_lowmem.device import weight_dtype
 from gemma_lowmem.errors import UserError
+from gemma_lowmem.memory import GiB, free_bytes
 from kernels import Int8Embedding, int8_linear
+from kernels.int8_linear import dequantize, matmul_dtype
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +133,7 @@ class FrozenInt8Linear(Linear8bitLt):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         absmax = self.weight.SCB if self.weight.SCB is not None else self.state.SCB  # moved there by a bnb forward
-        return int8_linear(x, self.weight.data, absmax / 127, self.bias)
+        return _int8_or_cached(self, x, self.weight.data, absmax / 127, self.bias)
 
 
 class Int8TiedHead(torch.nn.Module):
@@ -154,7 +157,98 @@ class Int8TiedHead(torch.nn.Module):
         return self.table.scale
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return int8_linear(hidden, self.table.q, self.table.scale)
+        return _int8_or_cached(self, hidden, self.table.q, self.table.scale, None)
+
+
+# Left free beside the cached weights for the KV cache, the logits and the allocator's slack.
+DECODE_HEADROOM = 1 * GiB
+
+
+class FloatWeights:
+    """Whole float copies of int8 weights, made on a layer's first forward without autograd (see
+    :func:`float_weight_cache`), up to ``max_bytes`` in all.
+
+    Attributes:
+        max_bytes: the cap on the copies' bytes.
+        used: bytes the copies hold.
+        skipped: layers left without a copy because the cap was reached (they dequantize per forward).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.used = max_bytes, 0
+        self._weights: dict[int, torch.Tensor] = {}
+        self._refused: set[int] = set()
+
+    @property
+    def skipped(self) -> int:
+        return len(self._refused)
+
+    def weight(self, layer: torch.nn.Module, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+               ) -> torch.Tensor | None:
+        """The layer's float weight in ``dtype``, made now if it fits; None: use the kernel."""
+        w = self._weights.get(id(layer))
+        if w is not None:
+            return w if w.dtype == dtype else None  # another compute dtype than the copy's: the kernel
+        size = q.numel() * dtype.itemsize
+        if id(layer) in self._refused or self.used + size > self.max_bytes:
+            self._refused.add(id(layer))
+            return None
+        self._weights[id(layer)] = w = dequantize(q, scale, dtype)
+        self.used += size
+        return w
+
+    def clear(self) -> None:
+        self._weights.clear()
+        self.used = 0
+
+
+def _int8_or_cached(layer: torch.nn.Module, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """``int8_linear``, or inside :func:`float_weight_cache` and without autograd ``F.linear`` on the layer's
+    whole float weight (the same product the kernel computes block by block)."""
+    weights: FloatWeights | None = layer.__dict__.get("_float_weights")
+    if weights is not None and not torch.is_grad_enabled():
+        dtype = matmul_dtype(x)
+        w = weights.weight(layer, q, scale, dtype)
+        if w is not None:
+            with torch.autocast(x.device.type, enabled=False):  # every operand is already in the compute dtype
+                return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+    return int8_linear(x, q, scale, bias)
+
+
+@contextmanager
+def float_weight_cache(model: torch.nn.Module, *, budget: int | None = None, max_bytes: int | None = None
+                       ) -> Iterator[FloatWeights]:
+    """While decoding, keep each int8 layer's whole float weight instead of dequantizing it at every forward.
+
+    Decoding feeds one token per row and forward, so the int8 kernels' work is almost all dequantization: on
+    Gemma 3 270M the tied head alone re-made its 262,144 x 640 table for every token. Inside this block a layer
+    (:class:`FrozenInt8Linear`, :class:`Int8TiedHead`) called without autograd makes its float copy at its
+    first forward, in that forward's compute dtype, while the copies fit ``max_bytes``; the layers past the cap
+    keep the kernel. Forwards with autograd (training) always use the kernel. The copies are dropped on exit.
+
+    Args:
+        model: any model; its int8 layers are found by type (PEFT's LoRA layers wrap them and still add LoRA).
+        budget: the run's memory budget in bytes (``--max-mem``), None: the device's memory.
+        max_bytes: the copies' cap; None: what is free on the model's device within ``budget``
+            (:func:`memory.free_bytes`) less ``DECODE_HEADROOM``.
+
+    Yields:
+        The :class:`FloatWeights` (bytes used, layers skipped).
+    """
+    if max_bytes is None:
+        device = next(model.parameters()).device
+        max_bytes = free_bytes(device, budget) - DECODE_HEADROOM
+    weights = FloatWeights(max(0, max_bytes))
+    layers = [m for m in model.modules() if isinstance(m, FrozenInt8Linear | Int8TiedHead)]
+    for layer in layers:
+        layer.__dict__["_float_weights"] = weights  # a plain attribute: not a submodule, not in the state dict
+    try:
+        yield weights
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("_float_weights", None)
+        weights.clear()
 
 
 def _quantize_tied_embedding(model: PreTrainedModel, dtype: torch.dtype, device: torch.device) -> None:

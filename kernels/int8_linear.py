@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from kernels.int8_embedding import DEFAULT_CHUNK_ELEMENTS
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """The matmul dtype: autocast's when it is on for x's device and would cast x (as for F.linear), else x's."""
     device_type = x.device.type
     autocast_on = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
@@ -29,7 +29,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *, transposed: bool = False) -> torch.Tensor:
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, *, transposed: bool = False) -> torch.Tensor:
     """(R, in) int8 rows and their (R,) scales -> the (R, in) weight rows in ``dtype``, or with ``transposed``
     their contiguous (in, R) transpose.
 
@@ -73,13 +73,13 @@ class Int8LinearFunction(torch.autograd.Function):
             x_c = x.to(compute_dtype)  # a no-op unless autocast picked another dtype; not saved
             b = None if bias is None else bias.to(compute_dtype)
             if block_rows >= out_features:
-                w = _dequantize(q, scale, compute_dtype)  # (out, in)
+                w = dequantize(q, scale, compute_dtype)  # (out, in)
                 out = F.linear(x_c, w, b)  # (N, out)
             else:
                 out = x_c.new_empty(x_c.shape[0], out_features)  # (N, out)
                 for start in range(0, out_features, block_rows):
                     end = min(start + block_rows, out_features)
-                    w = _dequantize(q[start:end], scale[start:end], compute_dtype)  # (R, in)
+                    w = dequantize(q[start:end], scale[start:end], compute_dtype)  # (R, in)
                     out[:, start:end] = F.linear(x_c, w, None if b is None else b[start:end])  # (N, R)
                     del w  # the next block's weight must not coexist with this one's
         # only the frozen weight: x (or its cast copy) is what checkpointing must be able to drop
@@ -103,12 +103,12 @@ class Int8LinearFunction(torch.autograd.Function):
             # project's CPU a matmul whose right operand is the row-major (out, in) W measured 5-9x slower
             # ((512, 2560) @ (2560, 640)); the int8 transpose costs little next to it
             if need_x and block_rows >= out_features:
-                grad_x = F.linear(grad_out, _dequantize(q, scale, grad_out.dtype, transposed=True))  # (N, in)
+                grad_x = F.linear(grad_out, dequantize(q, scale, grad_out.dtype, transposed=True))  # (N, in)
             elif need_x:
                 grad_x = grad_out.new_zeros(grad_out.shape[0], q.shape[1], dtype=acc_dtype)  # (N, in)
                 for start in range(0, out_features, block_rows):
                     end = min(start + block_rows, out_features)
-                    w_t = _dequantize(q[start:end], scale[start:end], grad_out.dtype, transposed=True)  # (in, R)
+                    w_t = dequantize(q[start:end], scale[start:end], grad_out.dtype, transposed=True)  # (in, R)
                     if grad_out.dtype == acc_dtype:
                         grad_x.addmm_(grad_out[:, start:end], w_t.t())  # no (N, in) temporary when dtypes agree
                     else:
@@ -143,7 +143,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     """
     _check_args(x, q, scale, bias, block_rows)
     block_rows = block_rows or max(1, DEFAULT_CHUNK_ELEMENTS // q.shape[1])
-    out = Int8LinearFunction.apply(x.reshape(-1, x.shape[-1]), q, scale, bias, block_rows, _compute_dtype(x))
+    out = Int8LinearFunction.apply(x.reshape(-1, x.shape[-1]), q, scale, bias, block_rows, matmul_dtype(x))
     return out.view(*x.shape[:-1], q.shape[0])
 
 

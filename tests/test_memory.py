@@ -10,10 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from gemma_lowmem import memory
 from gemma_lowmem.cli import run_script
 from gemma_lowmem.config import LoraConfig, RunConfig, TrainConfig
 from gemma_lowmem.errors import UserError
-from gemma_lowmem.memory import BudgetTooSmall, GiB, PeakMemory, WeightsExceedBudget, enforce_cap, is_oom, parse_size
+from gemma_lowmem.memory import (
+    BudgetTooSmall,
+    GiB,
+    PeakMemory,
+    WeightsExceedBudget,
+    enforce_cap,
+    free_bytes,
+    is_oom,
+    parse_size,
+)
 from gemma_lowmem.planner import (
     PLANNED,
     describe_model,
@@ -185,6 +195,27 @@ def test_is_oom_and_no_cap_on_the_cpu():
     assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
     assert not is_oom(RuntimeError("shape mismatch"))
     assert enforce_cap(GiB, torch.device("cpu")) is None
+
+
+def test_free_bytes_within_the_device_the_cap_and_the_budget(monkeypatch):
+    """CPU: MemAvailable, and no more than the budget less the resident size; CUDA (simulated): free plus the
+    allocator's cached blocks, within the cap, and the budget less what is allocated."""
+    cpu = torch.device("cpu")
+    assert 0 < free_bytes(cpu) < 2**50  # this machine's real reading
+    kib = {"MemAvailable": 10 * 2**20, "VmRSS": 2 * 2**20}  # 10 GiB available, 2 GiB resident
+    monkeypatch.setattr(memory, "_status_kib", lambda field, path="/proc/self/status": kib[field])
+    assert free_bytes(cpu) == 10 * GiB
+    assert free_bytes(cpu, budget=5 * GiB) == 3 * GiB
+    assert free_bytes(cpu, budget=1 * GiB) == 0
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * GiB, 16 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 5 * GiB)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * GiB)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)
+    assert free_bytes(gpu) == 5 * GiB  # 4 free on the device + 1 cached in the allocator
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 0.5)
+    assert free_bytes(gpu) == 3 * GiB  # the cap (8 GiB) less the 5 allocated
+    assert free_bytes(gpu, budget=7 * GiB) == 2 * GiB
 
 
 def test_load_model_config_errors(tmp_path):

@@ -116,3 +116,43 @@ def test_tied_embedding_and_head_as_int8_rows(tmp_path):
     untied = load_base_model(ModelConfig(model=str(tmp_path), quant="none", dtype="fp32", int8_embeddings=False),
                              torch.device("cpu"))
     assert isinstance(untied.get_input_embeddings(), torch.nn.Embedding)
+
+
+def test_float_weight_cache_decodes_the_same_within_its_cap_and_leaves_training_alone(tmp_path):
+    """Inside float_weight_cache, int8 layers (LoRA-wrapped linears and the tied head) decode with whole float
+    copies: the same logits and greedy tokens as the kernel; a cap leaves the layers past it on the kernel; a
+    forward with autograd makes no copy; nothing is left on the layers after the block."""
+    from gemma_lowmem.config import LoraConfig
+    from gemma_lowmem.evaluation.generate import generate_ids
+    from gemma_lowmem.model import FrozenInt8Linear, Int8TiedHead, add_lora, float_weight_cache
+    from tests.tiny import tiny_gemma3
+
+    tiny_gemma3().save_pretrained(tmp_path)
+    base = load_base_model(ModelConfig(model=str(tmp_path), quant="int8", dtype="fp32"), torch.device("cpu"))
+    model = add_lora(base, LoraConfig(r=4, alpha=8), gradient_checkpointing=False)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # a trained adapter: LoRA must still add its part
+    layers = [m for m in model.modules() if isinstance(m, FrozenInt8Linear | Int8TiedHead)]
+    assert any(isinstance(m, Int8TiedHead) for m in layers) and len(layers) > 2
+    all_bytes = sum(m.weight.numel() * 4 for m in layers)
+    ids = torch.randint(6, 1000, (2, 9))
+    prompts = [list(range(6, 20)), list(range(30, 37))]
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    tokens = generate_ids(model, prompts, pad_id=0, stop_ids=[1], max_new_tokens=6, show_progress=False)
+    for cap, fits_all in ((all_bytes, True), (all_bytes // 2, False)):
+        with float_weight_cache(model, max_bytes=cap) as weights:
+            with torch.enable_grad():
+                model(input_ids=ids)
+            assert weights.used == 0  # under autograd: the kernel, no copy
+            with torch.no_grad():
+                torch.testing.assert_close(model(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
+            assert generate_ids(model, prompts, pad_id=0, stop_ids=[1], max_new_tokens=6,
+                                show_progress=False) == tokens
+            if not fits_all:  # capped: some layers fit, the rest were refused
+                assert 0 < weights.used <= all_bytes // 2 and weights.skipped > 0
+            else:
+                assert weights.used == all_bytes and weights.skipped == 0
+        assert weights.used == 0 and not any("_float_weights" in m.__dict__ for m in layers)

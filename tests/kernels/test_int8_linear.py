@@ -101,13 +101,13 @@ def test_dequantizes_in_blocks_of_rows(monkeypatch, block_rows):
     """block_rows=None sizes blocks from DEFAULT_CHUNK_ELEMENTS; both passes walk every row once, block by block."""
     monkeypatch.setattr(int8_linear_module, "DEFAULT_CHUNK_ELEMENTS", 100 * IN)  # default blocks of 100 rows
     seen = []
-    dequantize = int8_linear_module._dequantize
+    dequantize = int8_linear_module.dequantize
 
     def recording_dequantize(q, scale, dtype, *, transposed=False):
         seen.append((*q.shape, transposed))
         return dequantize(q, scale, dtype, transposed=transposed)
 
-    monkeypatch.setattr(int8_linear_module, "_dequantize", recording_dequantize)
+    monkeypatch.setattr(int8_linear_module, "dequantize", recording_dequantize)
     q, scale, bias = make_weight(seed=5)
     x = make_input(seed=6).requires_grad_()
     int8_linear(x, q, scale, bias, block_rows=block_rows).sum().backward()
