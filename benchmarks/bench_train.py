@@ -47,7 +47,7 @@ import torch
 
 from gemma_lowmem.cli import run_script
 from gemma_lowmem.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from gemma_lowmem.data.collate import IGNORE_INDEX, collate
+from gemma_lowmem.data.collate import IGNORE_INDEX, collate, collate_for
 from gemma_lowmem.data.sampler import packing_efficiency, plan_epoch
 from gemma_lowmem.device import bf16_supported, default_device, resolve_precision
 from gemma_lowmem.errors import UserError
@@ -353,12 +353,8 @@ def run_ours(name: str, settings: Settings) -> dict[str, Any]:
         warm, timed, held_out = split_examples(settings, prepared.training.train, prepared.training.val)
         model, pad_id = prepared.model, prepared.tokenizer.pad_token_id
         device = next(p.device for p in model.parameters() if p.requires_grad)
-        # fit's default collate, wrapped below to count slots and tokens
-        inner = partial(
-            collate, pad_id=pad_id, packed=cfg.train.packing,
-            sliding_window=getattr(model.config, "sliding_window", None),
-            attn_implementation=getattr(model.config, "_attn_implementation", None) or "sdpa",
-        )
+        # the SFT collate run.py gives fit, wrapped below to count slots and tokens
+        inner = collate_for(model, pad_id=pad_id, packed=cfg.train.packing)
 
         def plan(examples: list[dict]) -> list:
             lengths = [len(e["input_ids"]) for e in examples]
@@ -368,15 +364,14 @@ def run_ours(name: str, settings: Settings) -> dict[str, Any]:
 
         # Warm-up: one optimizer step over all warm-up conversations (allocator, oneDNN kernels, lazy imports).
         warm_cfg = replace(cfg.train, max_steps=1, grad_accum=len(plan(warm)))
-        fit(model, warm, [], warm_cfg, run_dir=Path(tmp) / "warmup", pad_id=pad_id, collate_fn=inner,
-            show_progress=False)
+        fit(model, warm, [], warm_cfg, run_dir=Path(tmp) / "warmup", collate_fn=inner, show_progress=False)
 
         timed_plan = plan(timed)
         accum = pick_grad_accum(len(timed_plan), settings.steps)
         counter = CountingCollate(inner)
         with profiled(settings, name):
             result = fit(model, timed, [], replace(cfg.train, grad_accum=accum, epochs=1, max_steps=None),
-                         run_dir=Path(tmp) / "timed", pad_id=pad_id, collate_fn=counter, show_progress=False)
+                         run_dir=Path(tmp) / "timed", collate_fn=counter, show_progress=False)
         # The loop's own peak as logged after its last step (fit's final read also covers saving the adapter).
         last = [r for r in result.history if "peak_rss" in r or "peak_reserved" in r][-1]
         peak = last.get("peak_reserved", last.get("peak_rss"))

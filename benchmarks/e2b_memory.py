@@ -222,6 +222,7 @@ def _seed_planning_first(short: int, rows: int, count: int) -> int:
 def measure(args: argparse.Namespace) -> dict:
     """Build (or load), add LoRA, train ``args.steps`` steps; return the JSON record."""
     from gemma_lowmem.config import LoraConfig, ModelConfig, TrainConfig
+    from gemma_lowmem.data.collate import collate_for
     from gemma_lowmem.device import weight_dtype
     from gemma_lowmem.model import BUNDLED, add_lora, load_base_model, resolve_model_path
     from gemma_lowmem.train import fit
@@ -269,7 +270,8 @@ def measure(args: argparse.Namespace) -> dict:
     )
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
-        result = fit(model, train, [], cfg, run_dir=run_dir, pad_id=0, show_progress=False)
+        collate_fn = collate_for(model, pad_id=0, packed=cfg.packing)
+        result = fit(model, train, [], cfg, run_dir=run_dir, collate_fn=collate_fn, show_progress=False)
     record["train_s"] = round(time.perf_counter() - t0, 1)
     record["final_loss"] = result.final_loss
     record["train_peak_gib"] = result.peak_memory["peak_rss"] / GiB

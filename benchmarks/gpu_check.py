@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from benchmarks.e2b_memory import build_random_int8, override_config, random_examples  # noqa: E402
 from gemma_lowmem.config import DataConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from gemma_lowmem.data.collate import collate_for  # noqa: E402
 from gemma_lowmem.device import bf16_supported, default_device, resolve_precision, weight_dtype  # noqa: E402
 from gemma_lowmem.memory import GiB, PeakMemory  # noqa: E402
 from gemma_lowmem.model import add_lora, load_base_model  # noqa: E402
@@ -91,7 +92,8 @@ def check_gemma3(device: torch.device, smoke: bool, scratch: Path) -> None:
         cfg = TrainConfig(max_steps=steps, batch_size=2, grad_accum=1, eval_every=0, save_every=0, log_every=1,
                           packing=False, bucketing=False, precision=name, warmup_ratio=0.0)
         with tempfile.TemporaryDirectory() as run_dir:
-            result = fit(model, data, [], cfg, run_dir=run_dir, pad_id=0, show_progress=False)
+            result = fit(model, data, [], cfg, run_dir=run_dir, collate_fn=collate_for(model, pad_id=0, packed=False),
+                         show_progress=False)
             losses = [r["loss"] for r in result.history if "loss" in r]
         emit("gemma3", model=model_name, precision=name, losses=losses,
              finite=all(math.isfinite(x) for x in losses), loss_tokens_per_s=round(result.loss_tokens_per_s, 1),
@@ -132,7 +134,9 @@ def check_e2b(device: torch.device, smoke: bool) -> None:
         model = add_lora(base, cfg.lora, gradient_checkpointing=plan.gradient_checkpointing)
         data = random_examples(2, tokens, model_config.vocab_size_per_layer_input, tokens // 4, seed=0)
         with tempfile.TemporaryDirectory() as run_dir:
-            result = fit(model, data, [], plan.apply(cfg).train, run_dir=run_dir, pad_id=0, show_progress=False)
+            train_cfg = plan.apply(cfg).train
+            result = fit(model, data, [], train_cfg, run_dir=run_dir, show_progress=False,
+                         collate_fn=collate_for(model, pad_id=0, packed=train_cfg.packing))
         step_peak = peaks[on_cpu] = max(result.peak_memory.values())
         emit("e2b", tokens=tokens, embeddings_on_cpu=on_cpu, load_peak_gib=gib(load_peak),
              predicted_load_gib=gib(plan.load_peak), step_peak_gib=gib(step_peak),

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from gemma_lowmem.data.collate import IGNORE_INDEX, collate, to_device
+from gemma_lowmem.data.collate import IGNORE_INDEX, attention_settings, collate, to_device
 from gemma_lowmem.loss import token_losses
 
 LOSS_KINDS = ("sigmoid", "ipo")
@@ -219,14 +219,9 @@ def collate_pairs(
 
 
 def pair_collate_fn(model: torch.nn.Module, pad_id: int) -> Callable[[Sequence[Sequence[dict]]], dict[str, Any]]:
-    """:func:`collate_pairs` with the model's sliding window and attention implementation filled in."""
-    config = getattr(model, "config", None)
-    return partial(
-        collate_pairs,
-        pad_id=pad_id,
-        sliding_window=getattr(config, "sliding_window", None),
-        attn_implementation=getattr(config, "_attn_implementation", None) or "sdpa",
-    )
+    """:func:`collate_pairs` with the model's sliding window and attention implementation filled in (as
+    :func:`~gemma_lowmem.data.collate.collate_for` reads them)."""
+    return partial(collate_pairs, pad_id=pad_id, **attention_settings(model))
 
 
 # ----------------------------------------------------------------------------------------------- log-probabilities

@@ -38,14 +38,15 @@ from gemma_lowmem.evaluation.rouge import rouge_pair
 from gemma_lowmem.evaluation.rubric import CRITERIA, SUMMARY_RUBRIC
 from gemma_lowmem.memory import PeakMemory
 from gemma_lowmem.model import (
+    float_weight_cache,
     load_adapter,
     load_base_model,
     load_tokenizer,
     resolve_model_path,
 )
 from gemma_lowmem.tasks import get_task
-from gemma_lowmem.tasks.student_summaries import cut_at_sentence_end
 from gemma_lowmem.tasks.summary_eval import evaluation_prompt
+from gemma_lowmem.text import cut_at_sentence_end
 
 EXAMPLES = 5  # examples shown in the report
 PROMPT_HEAD, PROMPT_TAIL = 300, 900  # characters of a prompt shown in the report: its start and its end
@@ -92,6 +93,7 @@ def generate_answers(
     rubric: Any = None,
     lang: str = "ko",
     autocast: Autocast = contextlib.nullcontext,
+    memory_budget: int | None = None,
 ) -> tuple[list[str], list[RubricAnswer], dict[str, Any]]:
     """Render each message list with a generation prompt and answer it (free greedy, or guided by a rubric).
 
@@ -108,12 +110,14 @@ def generate_answers(
         rubric: the answers' :class:`~gemma_lowmem.evaluation.rubric.RubricSpec` (None: not a rubric task).
         lang: the answers' language.
         autocast: zero-argument callable returning the context manager of every forward (training's).
+        memory_budget: the run's budget in bytes (``--max-mem``); the int8 layers' float copies kept while
+            decoding (:func:`~gemma_lowmem.model.float_weight_cache`) fit in what is free within it.
 
     Returns:
         ``(prompts, answers, stats)``; stats: ``mode``, ``prompts``, ``seconds``, ``seconds_per_answer``,
         ``prompt_tokens_mean``/``_max``, ``answer_tokens`` (the answers re-tokenized: the stop token and special
         tokens are not counted), ``answer_tokens_per_s``, ``peak_memory_gib`` (CUDA allocated and reserved, or
-        CPU peak RSS, of this phase).
+        CPU peak RSS, of this phase), ``float_weights`` (GiB of float copies kept, layers left on the kernel).
     """
     mode = mode if rubric is not None else "free"
     prompts = [render(tokenizer, m, add_generation_prompt=True, system_role=system_role) for m in message_lists]
@@ -121,9 +125,11 @@ def generate_answers(
     peak = PeakMemory(device)
     peak.reset()
     start = time.perf_counter()
-    answers = rubric_answers(model, tokenizer, prompts, **({"spec": rubric} if rubric is not None else {}),
-                             lang=lang, mode=mode, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             show_progress=show_progress, autocast=autocast)
+    with float_weight_cache(model, budget=memory_budget) as weights:
+        answers = rubric_answers(model, tokenizer, prompts, **({"spec": rubric} if rubric is not None else {}),
+                                 lang=lang, mode=mode, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 show_progress=show_progress, autocast=autocast)
+        float_weights = {"gib": weights.used / 2**30, "layers_without": weights.skipped}
     seconds = time.perf_counter() - start  # exact: generation copies each batch's tokens to the host (a sync)
     prompt_tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     answer_tokens = sum(len(tokenizer(a.text, add_special_tokens=False)["input_ids"]) for a in answers)
@@ -134,6 +140,7 @@ def generate_answers(
         "prompt_tokens_max": max(prompt_tokens, default=None),
         "answer_tokens": answer_tokens, "answer_tokens_per_s": answer_tokens / seconds if seconds > 0 else None,
         "peak_memory_gib": {k: v / 2**30 for k, v in peak.read().items()},
+        "float_weights": float_weights,  # the int8 layers' float copies while decoding
     }
     return prompts, answers, stats
 
@@ -151,6 +158,7 @@ def evaluate_model(
     examples: int = EXAMPLES,
     mode: str = "guided",
     autocast: Autocast = contextlib.nullcontext,
+    memory_budget: int | None = None,
 ) -> dict[str, Any]:
     """Answer each conversation's prompt (all turns but the last) and score the answers with the task.
 
@@ -169,6 +177,7 @@ def evaluate_model(
         examples: how many examples (prompt excerpt, answer, target, scores) to keep for the report.
         mode: ``guided``, ``scores`` or ``free`` for a rubric task.
         autocast: zero-argument callable returning the context manager of every forward (training's).
+        memory_budget: as in :func:`generate_answers`.
 
     Returns:
         One system's report part: ``n``; ``metrics`` (the task's, plus ``generation``: mode, time, tokens/s,
@@ -181,7 +190,7 @@ def evaluate_model(
     prompts, answers, stats = generate_answers(
         model, tokenizer, [c.messages[:-1] for c in conversations], max_new_tokens=max_new_tokens,
         batch_size=batch_size, system_role=system_role, show_progress=show_progress, mode=mode, rubric=rubric,
-        lang=conversations[0].meta.get("lang", "ko"), autocast=autocast,
+        lang=conversations[0].meta.get("lang", "ko"), autocast=autocast, memory_budget=memory_budget,
     )
     outputs = [a.text for a in answers]
     scored = task_module.score_outputs(conversations, outputs)
@@ -276,6 +285,7 @@ def evaluate_human_judgments(
     examples: int = EXAMPLES,
     mode: str = "guided",
     autocast: Autocast = contextlib.nullcontext,
+    memory_budget: int | None = None,
 ) -> dict[str, Any]:
     """Grade each rated summary with the rubric evaluator and correlate its scores with the human ratings.
 

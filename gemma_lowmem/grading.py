@@ -33,8 +33,9 @@ from gemma_lowmem.errors import UserError
 from gemma_lowmem.evaluation.generate import Autocast
 from gemma_lowmem.evaluation.guided import MODES, RubricAnswer, rubric_answers
 from gemma_lowmem.evaluation.rubric import CRITERIA
-from gemma_lowmem.tasks.student_summaries import cut_at_sentence_end
+from gemma_lowmem.model import float_weight_cache
 from gemma_lowmem.tasks.summary_eval import evaluation_prompt
+from gemma_lowmem.text import cut_at_sentence_end
 
 INPUT_FIELDS = ("id", "article", "summary", "reference")
 
@@ -132,6 +133,7 @@ def grade(
     max_new_tokens: int = 384,
     show_progress: bool = True,
     autocast: Autocast = contextlib.nullcontext,
+    memory_budget: int | None = None,
 ) -> list[Grade]:
     """Grade student summaries.
 
@@ -148,6 +150,8 @@ def grade(
         show_progress: show a progress bar.
         autocast: zero-argument callable returning the context manager of every forward (training's
             ``Precision.autocast``).
+        memory_budget: a budget in bytes for the int8 layers' float copies kept while decoding
+            (:func:`~gemma_lowmem.model.float_weight_cache`); None: what the device has free.
 
     Returns:
         One :class:`Grade` per row, in order.
@@ -156,8 +160,9 @@ def grade(
         raise UserError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
     prompts = grading_prompts(tokenizer, rows, lang=lang, max_article_length=max_article_length,
                               system_role=system_role)
-    answers = rubric_answers(model, tokenizer, prompts, lang=lang, mode=mode, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, show_progress=show_progress, autocast=autocast)
+    with float_weight_cache(model, budget=memory_budget):
+        answers = rubric_answers(model, tokenizer, prompts, lang=lang, mode=mode, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, show_progress=show_progress, autocast=autocast)
     return [Grade.from_answer(row_id(row, i + 1), a, mode) for i, (row, a) in enumerate(zip(rows, answers))]
 
 

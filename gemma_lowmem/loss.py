@@ -12,9 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gemma_lowmem.data.tokenize import IGNORE_INDEX
 from kernels import linear_cross_entropy
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch
 
 from gemma_lowmem.checkpoint import find_checkpoint
 from gemma_lowmem.config import RunConfig
+from gemma_lowmem.data.collate import collate_for
 from gemma_lowmem.data.conversation import Conversation
 from gemma_lowmem.data.tokenize import EncodedSet, encode_conversations
 from gemma_lowmem.device import default_device, resolve_precision
@@ -158,10 +159,12 @@ def train_from_config(cfg: RunConfig, keep: Collection[str] = ()) -> tuple[Prepa
     # Packed rows are as long as the longest allowed conversation unless set otherwise.
     train_cfg = replace(cfg.train, pack_len=cfg.train.pack_len or cfg.data.max_seq_length)
     training = prepared.training
+    collate_fn = training.collate_fn or collate_for(
+        prepared.model, pad_id=prepared.tokenizer.pad_token_id, packed=train_cfg.packing
+    )
     result = fit(
-        prepared.model, training.train, training.val, train_cfg, run_dir=prepared.run_dir,
-        pad_id=prepared.tokenizer.pad_token_id, run_config=cfg.to_dict(), loss_fn=training.loss_fn,
-        collate_fn=training.collate_fn,
+        prepared.model, training.train, training.val, train_cfg, run_dir=prepared.run_dir, collate_fn=collate_fn,
+        run_config=cfg.to_dict(), loss_fn=training.loss_fn,
     )
     if cfg.train.push_to_hub and main and result.stopped != "signal":
         push_adapter(prepared.model, cfg.train.push_to_hub)

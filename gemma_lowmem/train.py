@@ -18,10 +18,10 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -36,7 +36,7 @@ from gemma_lowmem.checkpoint import (
     set_rng_state,
 )
 from gemma_lowmem.config import TrainConfig
-from gemma_lowmem.data.collate import collate, to_device
+from gemma_lowmem.data.collate import to_device
 from gemma_lowmem.data.sampler import plan_epoch
 from gemma_lowmem.device import resolve_precision
 from gemma_lowmem.distributed import Ranks, init_distributed, wrap_ddp
@@ -46,6 +46,8 @@ from gemma_lowmem.memory import BudgetTooSmall, PeakMemory, format_size, is_oom
 from gemma_lowmem.runlog import MetricsLog, plot_loss_curve
 
 Example = dict[str, list[int]]
+# collate_fn(rows) -> batch with num_loss_tokens and num_tokens; rows: B lists of examples (data/collate.py)
+CollateFn = Callable[[list[list[Example]]], dict[str, Any]]
 # loss_fn(model, batch) -> summed loss, or (summed loss, {name: summed 0-dim metric}) for extra logged metrics
 LossFn = Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
 SINGLE = Ranks()
@@ -70,6 +72,23 @@ class FitResult:
     @property
     def loss_tokens_per_s(self) -> float:
         return self.loss_tokens / max(self.seconds, 1e-9)
+
+
+@dataclass
+class LoopState:
+    """Where the loop is and what it has counted; a checkpoint holds it as the dict ``trainer_state["counters"]``
+    (:func:`dataclasses.asdict`), and ``--resume`` reads it back with ``LoopState(**counters)``."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # data position: the epoch and the index in its plan of the next micro-batch
+    index: int = 0
+    tokens: int = 0  # non-pad tokens trained on (all ranks)
+    loss_tokens: int = 0  # tokens that carried loss (all ranks)
+    seconds: float = 0.0  # training time, measured at log steps
+    best_val: float | None = None
+    bad_evals: int = 0  # validations in a row without a new best (early stopping)
+    skipped: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    last_loss: float | None = None  # checkpointed: a resume from the final checkpoint still reports the final loss
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -222,6 +241,165 @@ def evaluate_loss(
     return total_loss / max(total_count, 1)
 
 
+class Window(NamedTuple):
+    """One accumulation window after its backward (data parallel: every count over all ranks)."""
+
+    loss: torch.Tensor  # summed loss, 0-dim on the device
+    loss_tokens: int
+    tokens: int  # non-pad tokens
+    extras: dict[str, torch.Tensor]  # summed extra metrics of the loss_fn, 0-dim on the device
+
+
+def run_window(
+    model: torch.nn.Module,
+    micro_batches: list[list[list[int]]],
+    examples: list[Example],
+    collate_fn: CollateFn,
+    loss_fn: LossFn,
+    precision: Any,
+    scaler: torch.amp.GradScaler,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    splits: int,
+    batch_size: int,
+    step: int,
+    log: MetricsLog,
+    ddp: DistributedDataParallel | None = None,
+    ranks: Ranks = SINGLE,
+) -> tuple[Window, int]:
+    """Collate, count and :func:`backward_window` one window; out of memory, redo it in smaller micro-batches.
+
+    Args:
+        micro_batches: the window's planned micro-batches, each a list of rows of indices into ``examples``.
+        splits: parts each micro-batch runs in; doubled (:func:`more_splits`) after each out-of-memory error.
+        batch_size: rows per planned micro-batch (the most parts there can be).
+        step: the optimizer step this window is for (1-based), for the out-of-memory message and log record.
+        Others: as in :func:`backward_window`; ``optimizer`` drops a failed attempt's partial gradients.
+
+    Returns:
+        (the :class:`Window`, the split count to use from now on).
+
+    Raises:
+        BudgetTooSmall: out of memory with single rows.
+    """
+    while True:  # once, unless out of memory: then again with each micro-batch run in smaller parts
+        # Collate the whole window first: its loss-token count normalises every micro-step (CPU, no sync).
+        window = [collate_fn([[examples[i] for i in row] for row in part])
+                  for rows in micro_batches for part in split_rows(rows, splits)]
+        counts = [sum(int(b[key]) for b in window) for key in ("num_loss_tokens", "num_tokens")]
+        if ranks.parallel:  # host sync: once per optimizer step, under data parallelism only
+            counts = [int(c) for c in ranks.sum(torch.tensor(counts, device=device)).tolist()]
+        window_tokens, tokens = counts
+        try:
+            loss, window_tokens, extras = backward_window(
+                model, window, loss_fn, precision, scaler, device, window_tokens=window_tokens, ddp=ddp, ranks=ranks
+            )
+            return Window(loss, window_tokens, tokens, extras), splits
+        except RuntimeError as err:  # torch.OutOfMemoryError is one
+            if not is_oom(err) or ranks.parallel:  # one rank cannot retry alone: the others wait for it
+                raise
+        # Out of memory: drop the failed window's partial gradients and batches, halve the micro-batch (the same
+        # rows, in twice as many parts: the objective does not change) and redo the step.
+        optimizer.zero_grad(set_to_none=True)
+        del window
+        splits = more_splits(splits, batch_size)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the cap counts reserved memory: give the failed step's blocks back
+        rows_now = -(-batch_size // splits)
+        tqdm.write(f"step {step}: out of memory; micro-batches of {rows_now} rows from now on "
+                   f"({len(micro_batches) * splits} per optimizer step)")
+        log.write({"step": step, "out_of_memory": True, "micro_batch_rows": rows_now})
+
+
+def validate(
+    model: torch.nn.Module,
+    batches: list[dict[str, Any]],
+    loss_fn: LossFn,
+    precision: Any,
+    device: torch.device,
+    state: LoopState,
+    *,
+    best_dir: Path,
+    run_config: dict[str, Any],
+    final: bool = False,
+    ranks: Ranks = SINGLE,
+) -> float:
+    """:func:`evaluate_loss`, keeping the best: a new best goes into ``state.best_val`` and ``best_dir`` (rank 0).
+
+    Args:
+        state: the loop's state; ``best_val`` and ``bad_evals`` (validations in a row without a new best) change.
+        best_dir: where the best adapter is saved, with ``run_config``.
+        final: the validation after the last step: it leaves ``bad_evals`` as it was, so early stopping after a
+            ``--resume`` counts only the validations every ``eval_every`` steps.
+        Others: as in :func:`evaluate_loss`.
+
+    Returns:
+        The validation loss.
+    """
+    val_loss = evaluate_loss(model, batches, loss_fn, precision, device, ranks=ranks)
+    improved = state.best_val is None or val_loss < state.best_val
+    if improved:
+        state.best_val = val_loss
+        if ranks.is_main:
+            save_adapter(model, best_dir, run_config)
+    if not final:
+        state.bad_evals = 0 if improved else state.bad_evals + 1
+    return val_loss
+
+
+def _data_order(train: list[Example], cfg: TrainConfig, ranks: Ranks) -> tuple[dict[str, Any], Callable[..., list]]:
+    """(What fixes the order of micro-batches, ``plan_for(epoch=...)``: this rank's micro-batches of an epoch).
+
+    A checkpoint's data position means nothing under other values of the first. Raises UserError: no examples,
+    or a ``pack_len`` shorter than an example.
+    """
+    if not train:
+        raise UserError("no training examples left after tokenization; check the data and --max-seq-length")
+    lengths = [len(e["input_ids"]) for e in train]
+    pack_len = cfg.pack_len or max(lengths)
+    if cfg.packing and max(lengths) > pack_len:
+        raise UserError(f"pack_len={pack_len} is shorter than the longest example ({max(lengths)} tokens)")
+    mode = "pack" if cfg.packing else "bucket" if cfg.bucketing else "random"
+    plan = {"seed": cfg.seed, "batch_size": cfg.batch_size, "mode": mode, "pack_len": pack_len if cfg.packing else None,
+            "examples": len(train), "world_size": ranks.world_size}
+    plan_for = partial(plan_epoch, lengths, cfg.batch_size, seed=cfg.seed, mode=mode, pack_len=plan["pack_len"],
+                       rank=ranks.rank, world_size=ranks.world_size)
+    return plan, plan_for
+
+
+def _resume(
+    path: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    plan: dict[str, Any],
+    device: torch.device,
+    ranks: Ranks,
+) -> LoopState:
+    """Load the checkpoint at (or latest under) ``path`` into the model, optimizer, scheduler, scaler and this
+    rank's RNG; return its loop state. Raises UserError when its data ``plan`` differs from this run's."""
+    checkpoint = find_checkpoint(path)
+    saved = load_checkpoint(checkpoint, model)
+    saved_plan = saved.get("plan", {})
+    changed = [f"{k} was {saved_plan.get(k)}, now {v}" for k, v in plan.items() if saved_plan.get(k) != v]
+    if changed:
+        raise UserError(
+            f"--resume {checkpoint}: its data position holds only for the data order it was saved with, but "
+            f"{'; '.join(changed)}. Resume with the same --seed, --batch-size, packing, --pack-len, data and "
+            "number of processes"
+        )
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    set_rng_state(saved["rng"][ranks.rank], device)
+    state = LoopState(**saved["counters"])
+    if ranks.is_main:
+        tqdm.write(f"resumed from {checkpoint} at step {state.step}")
+    return state
+
+
 def fit(
     model: torch.nn.Module,
     train: list[Example],
@@ -229,10 +407,9 @@ def fit(
     cfg: TrainConfig,
     *,
     run_dir: str | Path,
-    pad_id: int,
+    collate_fn: CollateFn,
     run_config: dict[str, Any] | None = None,
     loss_fn: LossFn | None = None,
-    collate_fn: Callable[..., dict[str, Any]] | None = None,
     show_progress: bool = True,
 ) -> FitResult:
     """Train the model's trainable (LoRA) parameters on ``train``; validate on ``val``.
@@ -246,10 +423,10 @@ def fit(
         val: validation examples (may be empty).
         cfg: the loop's configuration.
         run_dir: where checkpoints, the adapter, the metrics log, the loss curve and the summary go.
-        pad_id: the tokenizer's pad token id.
+        collate_fn: turns rows of examples into a batch with ``num_loss_tokens`` and ``num_tokens``; for SFT
+            :func:`~gemma_lowmem.data.collate.collate_for` ``(model, pad_id=..., packed=cfg.packing)``.
         run_config: the full resolved config, saved with every checkpoint.
         loss_fn: ``loss_fn(model, batch) -> summed loss``; default: chunked SFT cross-entropy.
-        collate_fn: turns rows of examples into a batch with ``num_loss_tokens`` and ``num_tokens``.
         show_progress: draw the tqdm bar (rank 0).
 
     Returns:
@@ -266,26 +443,7 @@ def fit(
     device = next(p.device for p in model.parameters() if p.requires_grad)
     precision = resolve_precision(device, cfg.precision)
     loss_fn = loss_fn or partial(sft_loss, chunked=cfg.chunked_loss, chunk_size=cfg.loss_chunk_size)
-    model_config = getattr(model, "config", None)
-    collate_fn = collate_fn or partial(
-        collate,
-        pad_id=pad_id,
-        packed=cfg.packing,
-        sliding_window=getattr(model_config, "sliding_window", None),
-        attn_implementation=getattr(model_config, "_attn_implementation", None) or "sdpa",
-    )
-    if not train:
-        raise UserError("no training examples left after tokenization; check the data and --max-seq-length")
-    lengths = [len(e["input_ids"]) for e in train]
-    pack_len = cfg.pack_len or max(lengths)
-    if cfg.packing and max(lengths) > pack_len:
-        raise UserError(f"pack_len={pack_len} is shorter than the longest example ({max(lengths)} tokens)")
-    mode = "pack" if cfg.packing else "bucket" if cfg.bucketing else "random"
-    # What fixes the order of micro-batches: a checkpoint's data position means nothing under other values.
-    plan = {"seed": cfg.seed, "batch_size": cfg.batch_size, "mode": mode, "pack_len": pack_len if cfg.packing else None,
-            "examples": len(train), "world_size": ranks.world_size}
-    plan_for = partial(plan_epoch, lengths, cfg.batch_size, seed=cfg.seed, mode=mode, pack_len=plan["pack_len"],
-                       rank=ranks.rank, world_size=ranks.world_size)
+    plan, plan_for = _data_order(train, cfg, ranks)
     micro_per_epoch = len(plan_for(epoch=0))  # per rank: every rank gets the same count
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
     warmup = int(cfg.warmup_ratio * total_steps)
@@ -303,189 +461,117 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
     memory = PeakMemory(device)
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=ranks.is_main)
-    counters = {
-        "step": 0,
-        "epoch": 0,
-        "index": 0,
-        "tokens": 0,
-        "loss_tokens": 0,
-        "seconds": 0.0,
-        "best_val": None,
-        "bad_evals": 0,
-        "skipped": 0,
-        "last_loss": None,  # checkpointed: a resume from the final checkpoint still reports the final loss
-    }
-
     if ranks.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed + ranks.rank)  # dropout: reproducible from the config, different on each rank
+    state = LoopState()
     if cfg.resume:
-        checkpoint = find_checkpoint(cfg.resume)
-        state = load_checkpoint(checkpoint, model)
-        saved_plan = state.get("plan", {})
-        changed = [f"{k} was {saved_plan.get(k)}, now {v}" for k, v in plan.items() if saved_plan.get(k) != v]
-        if changed:
-            raise UserError(
-                f"--resume {checkpoint}: its data position holds only for the data order it was saved with, but "
-                f"{'; '.join(changed)}. Resume with the same --seed, --batch-size, packing, --pack-len, data and "
-                "number of processes"
-            )
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        counters.update(state["counters"])
-        set_rng_state(state["rng"][ranks.rank], device)
-        if ranks.is_main:
-            tqdm.write(f"resumed from {checkpoint} at step {counters['step']}")
-    log.truncate_after(counters["step"])  # steps past the checkpoint are trained again; a fresh run starts empty
+        state = _resume(cfg.resume, model, optimizer, scheduler, scaler, plan, device, ranks)
+    log.truncate_after(state.step)  # steps past the checkpoint are trained again; a fresh run starts empty
     ddp = wrap_ddp(model, loss_fn, device) if ranks.parallel else None
+    validate_now = partial(validate, model, val_batches, loss_fn, precision, device, state,
+                           best_dir=run_dir / "adapter_best", run_config=run_config, ranks=ranks)
 
     def checkpoint_now() -> Path:
-        folder = run_dir / "checkpoints" / f"step-{counters['step']:06d}"
+        folder = run_dir / "checkpoints" / f"step-{state.step:06d}"
         rngs = ranks.gather(rng_state(device))  # every rank's dropout RNG (a collective: all ranks come here)
         if ranks.is_main:
             trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "scaler": scaler.state_dict(), "counters": dict(counters), "plan": plan, "rng": rngs}
+                             "scaler": scaler.state_dict(), "counters": asdict(state), "plan": plan, "rng": rngs}
             save_checkpoint(folder, model, trainer_state, run_config, cfg.keep_checkpoints)
         return folder
 
     model.train()
     memory.reset()
-    stream = _micro_batches(plan_for, counters["epoch"], counters["index"])
-    stopped, bad_in_row, record, first_step = "max_steps", 0, {}, counters["step"]
+    stream = _micro_batches(plan_for, state.epoch, state.index)
+    stopped, bad_in_row, record, first_step = "max_steps", 0, {}, state.step
     splits = 1  # parts each planned micro-batch runs in (more after an out-of-memory error)
-    t_last, tokens_last = time.perf_counter(), counters["loss_tokens"]
+    t_last, tokens_last = time.perf_counter(), state.loss_tokens
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
 
     # ---- loop --------------------------------------------------------------------------------------------------
-    bar = tqdm(total=total_steps, initial=counters["step"], desc="train", unit="step",
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step",
                disable=not (show_progress and ranks.is_main))
     with _StopSignal(announce=ranks.is_main) as stop, bar:  # an error closes the bar: its message starts a line
-        while counters["step"] < total_steps:
+        while state.step < total_steps:
             planned = [next(stream) for _ in range(cfg.grad_accum)]  # (epoch, index, rows) per micro-batch
             epoch, index = planned[-1][:2]
-            while True:  # once, unless out of memory: then again with each micro-batch run in smaller parts
-                # Collate the whole window first: its loss-token count normalises every micro-step (CPU, no sync).
-                window = [collate_fn([[train[i] for i in row] for row in part])
-                          for _, _, rows in planned for part in split_rows(rows, splits)]
-                counts = [sum(int(b[key]) for b in window) for key in ("num_loss_tokens", "num_tokens")]
-                if ranks.parallel:  # host sync: once per optimizer step, under data parallelism only
-                    counts = [int(c) for c in ranks.sum(torch.tensor(counts, device=device)).tolist()]
-                window_tokens, tokens = counts
-                try:
-                    window_loss, window_tokens, extras = backward_window(
-                        model, window, loss_fn, precision, scaler, device, window_tokens=window_tokens, ddp=ddp,
-                        ranks=ranks,
-                    )
-                    break
-                except RuntimeError as err:  # torch.OutOfMemoryError is one
-                    if not is_oom(err) or ranks.parallel:  # one rank cannot retry alone: the others wait for it
-                        raise
-                # Out of memory: drop the failed window's partial gradients and batches, halve the micro-batch
-                # (the same rows, in twice as many parts: the objective does not change) and redo the step.
-                optimizer.zero_grad(set_to_none=True)
-                del window
-                splits = more_splits(splits, cfg.batch_size)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()  # the cap counts reserved memory: give the failed step's blocks back
-                rows_now = -(-cfg.batch_size // splits)
-                tqdm.write(f"step {counters['step'] + 1}: out of memory; micro-batches of {rows_now} rows from now "
-                           f"on ({cfg.grad_accum * splits} per optimizer step)")
-                log.write({"step": counters["step"] + 1, "out_of_memory": True, "micro_batch_rows": rows_now})
+            window, splits = run_window(
+                model, [rows for _, _, rows in planned], train, collate_fn, loss_fn, precision, scaler, optimizer,
+                device, splits=splits, batch_size=cfg.batch_size, step=state.step + 1, log=log, ddp=ddp, ranks=ranks,
+            )
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            loss = window_loss.item() / max(window_tokens, 1)  # host sync: once per optimizer step
+            loss = window.loss.item() / max(window.loss_tokens, 1)  # host sync: once per optimizer step
             loss_ok, grad_ok = math.isfinite(loss), bool(torch.isfinite(grad_norm))
             if loss_ok and grad_ok:
                 scaler.step(optimizer)
-                bad_in_row, counters["last_loss"] = 0, loss
+                bad_in_row, state.last_loss = 0, loss
             else:  # skip the update: the weights and the optimizer state stay the last good ones
-                counters["skipped"] += 1
+                state.skipped += 1
                 # fp16: GradScaler lowers its scale after an overflow; while the scale is >= 1 that is routine
                 routine = precision.use_scaler and loss_ok and scaler.get_scale() >= 1.0
                 bad_in_row += 0 if routine else 1
                 if ranks.is_main:
-                    tqdm.write(f"step {counters['step'] + 1}: non-finite {'gradient' if loss_ok else 'loss'}; "
-                               f"optimizer step skipped ({bad_in_row} in a row, {counters['skipped']} in all)")
+                    tqdm.write(f"step {state.step + 1}: non-finite {'gradient' if loss_ok else 'loss'}; "
+                               f"optimizer step skipped ({bad_in_row} in a row, {state.skipped} in all)")
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
 
-            counters["step"] += 1
-            counters["epoch"], counters["index"] = epoch, index + 1
-            counters["tokens"] += tokens
-            counters["loss_tokens"] += window_tokens
-            record = {
-                "step": counters["step"],
-                "epoch": epoch,
-                "loss": loss if loss_ok else None,  # strict JSON: no NaN
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_ok else None,
-            }
+            state.step += 1
+            state.epoch, state.index = epoch, index + 1
+            state.tokens += window.tokens
+            state.loss_tokens += window.loss_tokens
+            record = {"step": state.step, "epoch": epoch, "loss": loss if loss_ok else None,  # strict JSON: no NaN
+                      "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm) if grad_ok else None}
             if not (loss_ok and grad_ok):
-                record["skipped"] = counters["skipped"]
-            if cfg.eval_every and counters["step"] % cfg.eval_every == 0 and val_batches:
-                record["val_loss"] = evaluate_loss(model, val_batches, loss_fn, precision, device, ranks=ranks)
-            if "val_loss" in record:
-                best = counters["best_val"]
-                if best is None or record["val_loss"] < best:
-                    counters["best_val"], counters["bad_evals"] = record["val_loss"], 0
-                    if ranks.is_main:
-                        save_adapter(model, run_dir / "adapter_best", run_config)
-                else:
-                    counters["bad_evals"] += 1
+                record["skipped"] = state.skipped
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and val_batches:
+                record["val_loss"] = validate_now()
 
-            if counters["step"] % cfg.log_every == 0 or "val_loss" in record or "skipped" in record:
+            if state.step % cfg.log_every == 0 or "val_loss" in record or "skipped" in record:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # host sync: honest timings at log steps only
                 now = time.perf_counter()
-                counters["seconds"] += now - t_last
-                record["loss_tokens_per_s"] = (counters["loss_tokens"] - tokens_last) / max(now - t_last, 1e-9)
-                t_last, tokens_last = now, counters["loss_tokens"]
+                state.seconds += now - t_last
+                record["loss_tokens_per_s"] = (state.loss_tokens - tokens_last) / max(now - t_last, 1e-9)
+                t_last, tokens_last = now, state.loss_tokens
                 record.update(memory.read())
                 if precision.use_scaler:
                     record["loss_scale"] = scaler.get_scale()  # host sync: fp16 only, at log steps only
                 # host sync: extra metrics (e.g. DPO reward accuracy) per loss unit, at log steps only
-                record.update({k: v.item() / max(window_tokens, 1) for k, v in extras.items()})
+                record.update({k: v.item() / max(window.loss_tokens, 1) for k, v in window.extras.items()})
                 log.write(record)
-                bar.set_postfix(
-                    loss=f"{loss:.4f}",
-                    lr=f"{record['lr']:.2e}",
-                    tok_s=f"{record['loss_tokens_per_s']:.1f}",
-                    mem=format_size(memory.peak()),
-                )
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['loss_tokens_per_s']:.1f}", mem=format_size(memory.peak()))
             bar.update(1)
 
             if bad_in_row >= cfg.max_bad_steps:
                 stopped = "non_finite"
                 break
-            if cfg.early_stopping_patience and counters["bad_evals"] >= cfg.early_stopping_patience:
+            if cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience:
                 stopped = "early_stopping"
                 break
             if ranks.any(stop.requested, device):  # all ranks stop at the same step, whichever got the signal
                 stopped = "signal"
                 break
-            if cfg.save_every and counters["step"] % cfg.save_every == 0 and counters["step"] < total_steps:
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
                 checkpoint_now()
         bar.close()
 
         # ---- report (still under the signal handler: one signal now does not cut the final save short) -------
-        counters["seconds"] += time.perf_counter() - t_last
+        state.seconds += time.perf_counter() - t_last
         # Validate at the end unless the last step did, or nothing was trained (resumed at the end: done before
         # that checkpoint), or the run was stopped (then it would change best_val and early stopping after --resume).
-        trained = counters["step"] > first_step
+        trained = state.step > first_step
         if stopped in ("max_steps", "early_stopping") and trained and val_batches and "val_loss" not in record:
-            val_loss = evaluate_loss(model, val_batches, loss_fn, precision, device, ranks=ranks)
-            log.write({"step": counters["step"], "val_loss": val_loss})
-            if counters["best_val"] is None or val_loss < counters["best_val"]:
-                counters["best_val"] = val_loss
-                if ranks.is_main:
-                    save_adapter(model, run_dir / "adapter_best", run_config)
+            log.write({"step": state.step, "val_loss": validate_now(final=True)})
         folder = checkpoint_now()
         if stopped == "non_finite":
             raise UserError(
                 f"{cfg.max_bad_steps} optimizer steps in a row had a non-finite loss or gradient, so the run stopped "
-                f"at step {counters['step']}; the last good weights are saved in {folder}. Try a lower --lr, "
+                f"at step {state.step}; the last good weights are saved in {folder}. Try a lower --lr, "
                 "--max-grad-norm or --precision fp32, then --resume"
             )
         history: list[dict[str, Any]] = []
@@ -493,24 +579,14 @@ def fit(
             save_adapter(model, run_dir / "adapter", run_config)
             history = log.read()
             plot_loss_curve(history, run_dir / "loss_curve.png")
-    result = FitResult(
-        steps=counters["step"],
-        tokens=counters["tokens"],
-        loss_tokens=counters["loss_tokens"],
-        seconds=counters["seconds"],
-        final_loss=counters["last_loss"],
-        best_val_loss=counters["best_val"],
-        peak_memory=memory.read(),
-        skipped_steps=counters["skipped"],
-        stopped=stopped,
-        run_dir=str(run_dir),
-        history=history,
-    )
+    result = FitResult(steps=state.step, tokens=state.tokens, loss_tokens=state.loss_tokens, seconds=state.seconds,
+                       final_loss=state.last_loss, best_val_loss=state.best_val, peak_memory=memory.read(),
+                       skipped_steps=state.skipped, stopped=stopped, run_dir=str(run_dir), history=history)
     if ranks.is_main:
         summary = {k: v for k, v in result.__dict__.items() if k != "history"}
         summary["loss_tokens_per_s"] = result.loss_tokens_per_s
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         if stopped == "signal":
-            tqdm.write(f"stopped by signal at step {counters['step']}; checkpoint saved in {folder} "
+            tqdm.write(f"stopped by signal at step {state.step}; checkpoint saved in {folder} "
                        f"(continue with --resume {run_dir})")
     return result

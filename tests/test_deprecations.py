@@ -30,6 +30,7 @@ import gemma_lowmem
 import kernels
 from gemma_lowmem.checkpoint import save_adapter
 from gemma_lowmem.config import LoraConfig, ModelConfig, TrainConfig
+from gemma_lowmem.data.collate import collate_for
 from gemma_lowmem.data.conversation import Conversation
 from gemma_lowmem.data.tokenize import encode_conversations
 from gemma_lowmem.evaluation.generate import generate_texts
@@ -129,7 +130,8 @@ def test_tokenizing_and_training_with_checkpointing_and_packing(model_dir, tmp_p
         data = encode_conversations(tiny_tokenizer(), conversations(10), max_seq_length=64).examples
         cfg = TrainConfig(max_steps=2, batch_size=2, grad_accum=2, eval_every=1, save_every=1, packing=True,
                           pack_len=64, gradient_checkpointing=True)
-        result = fit(model, data[:8], data[8:], cfg, run_dir=tmp_path, pad_id=0, show_progress=False)
+        result = fit(model, data[:8], data[8:], cfg, run_dir=tmp_path, show_progress=False,
+                     collate_fn=collate_for(model, pad_id=0, packed=cfg.packing))
     assert result.steps == 2
     assert_none(found)
 

@@ -13,7 +13,6 @@ from gemma_lowmem.device import bf16_supported, resolve_precision, weight_dtype
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.loss import sft_loss
 from gemma_lowmem.model import add_lora, device_map_for, load_base_model
-from gemma_lowmem.train import fit
 from tests.tiny import tiny_gemma3, tiny_gemma3n, tiny_tokenizer
 
 CUDA = torch.device("cuda", 0)
@@ -114,6 +113,8 @@ def test_fp16_autocast_with_fp32_weights_survives_a_residual_stream_past_fp16_ma
 
 
 def test_fp16_training_on_the_cpu_runs_the_grad_scaler(tmp_path):
+    from tests.test_train import fit_sft
+
     _overflowing(tiny_gemma3(layers=4)).save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
     base = load_base_model(ModelConfig(model=str(tmp_path), quant="int8"), torch.device("cpu"), "fp16")
@@ -121,7 +122,7 @@ def test_fp16_training_on_the_cpu_runs_the_grad_scaler(tmp_path):
     rows = [{"input_ids": r.tolist(), "labels": r.tolist()} for r in _batch()["input_ids"]] * 4
     cfg = TrainConfig(max_steps=3, lr=1e-3, batch_size=2, eval_every=0, log_every=1, precision="fp16",
                       packing=False, bucketing=False)
-    result = fit(model, rows, [], cfg, run_dir=tmp_path / "run", pad_id=0)
+    result = fit_sft(model, rows, [], cfg, run_dir=tmp_path / "run")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     scales = [r["loss_scale"] for r in records if "loss_scale" in r]
     assert scales and all(s >= 1.0 for s in scales)  # the scaler ran (fp16 only logs it)
@@ -130,10 +131,10 @@ def test_fp16_training_on_the_cpu_runs_the_grad_scaler(tmp_path):
 
 def test_checkpoint_state_loads_onto_the_cpu_whatever_device_saved_it(tmp_path, monkeypatch):
     from gemma_lowmem import checkpoint
-    from tests.test_train import examples, lora_model
+    from tests.test_train import examples, fit_sft, lora_model
 
     cfg = TrainConfig(max_steps=1, batch_size=2, eval_every=0, save_every=1, packing=False, precision="fp32")
-    fit(lora_model("gemma3"), examples(4), [], cfg, run_dir=tmp_path, pad_id=0, show_progress=False)
+    fit_sft(lora_model("gemma3"), examples(4), [], cfg, run_dir=tmp_path, show_progress=False)
     seen = []
     real_load = torch.load
 

@@ -25,9 +25,8 @@ from gemma_lowmem.distributed import current_ranks, init_distributed
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.loss import sft_loss
 from gemma_lowmem.tasks.summary_eval import DEMO_FILE
-from gemma_lowmem.train import fit
 from tests.test_reliability import assert_same_weights, lora_model, train_losses
-from tests.test_train import examples
+from tests.test_train import examples, fit_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 DDP_CFG = TrainConfig(max_steps=6, lr=1e-2, batch_size=2, grad_accum=2, eval_every=2, save_every=2,
@@ -67,8 +66,8 @@ def worker(out: Path) -> None:
         if "resume" in changes:
             changes = {**changes, "resume": str(out / changes["resume"])}
         model = lora_model(dropout=dropout)
-        result = fit(model, train, val, replace(DDP_CFG, **changes), run_dir=out / name, pad_id=0,
-                     show_progress=False, loss_fn=sigterm_on_rank_1 if name == "signal" else None)
+        result = fit_sft(model, train, val, replace(DDP_CFG, **changes), run_dir=out / name, show_progress=False,
+                         loss_fn=sigterm_on_rank_1 if name == "signal" else None)
         torch.save({k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad},
                    out / f"{name}-rank{ranks.rank}.pt")
         results[name] = {"stopped": result.stopped, "steps": result.steps, "tokens": result.tokens,
@@ -109,7 +108,7 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(two_ranks, tmp_
     train, val = data()
     cfg = replace(DDP_CFG, grad_accum=2 * DDP_CFG.grad_accum, **changes)
     model = lora_model(dropout=0.0)
-    single = fit(model, train, val, cfg, run_dir=tmp_path, pad_id=0, show_progress=False)
+    single = fit_sft(model, train, val, cfg, run_dir=tmp_path, show_progress=False)
     ddp_history = [json.loads(line) for line in (two_ranks / name / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in ddp_history] == [r["step"] for r in single.history]  # rank 0's records only
     # the gradient norm too: Adam would hide gradients off by a constant factor from the losses
@@ -153,7 +152,7 @@ def test_resume_with_another_world_size_is_refused(two_ranks, tmp_path):
     train, val = data()
     cfg = replace(DDP_CFG, resume=str(two_ranks / "pack"))
     with pytest.raises(UserError, match="world_size was 2, now 1"):
-        fit(lora_model(dropout=0.0), train, val, cfg, run_dir=tmp_path, pad_id=0, show_progress=False)
+        fit_sft(lora_model(dropout=0.0), train, val, cfg, run_dir=tmp_path, show_progress=False)
 
 
 @pytest.mark.slow

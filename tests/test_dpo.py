@@ -292,7 +292,7 @@ def test_fit_learns_a_separable_preference(tmp_path):
     before = evaluate_pairs(model, held, collate_fn, loss_fn)
     cfg = TrainConfig(max_steps=8, lr=1e-2, batch_size=2, grad_accum=1, eval_every=0, save_every=0,
                       packing=True, pack_len=48, warmup_ratio=0.0, precision="fp32")
-    result = fit(model, train, [], cfg, run_dir=tmp_path, pad_id=0, loss_fn=loss_fn, collate_fn=collate_fn,
+    result = fit(model, train, [], cfg, run_dir=tmp_path, loss_fn=loss_fn, collate_fn=collate_fn,
                  show_progress=False)
     after = evaluate_pairs(model, held, collate_fn, loss_fn)
     history = [r for r in result.history if "reward_accuracy" in r]

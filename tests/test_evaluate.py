@@ -26,7 +26,7 @@ from gemma_lowmem.evaluation.human import Judgment
 from gemma_lowmem.evaluation.rouge import rouge_pair
 from gemma_lowmem.evaluation.rubric import CRITERIA, parse_rubric, render_rubric
 from gemma_lowmem.model import add_lora
-from gemma_lowmem.tasks import summary_eval
+from gemma_lowmem.tasks import sources, summary_eval
 from tests.tiny import tiny_gemma3, tiny_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
@@ -153,7 +153,7 @@ def test_val_file_evaluation_reads_only_that_file(tmp_path, data_file, monkeypat
     def no_hub(*args, **kwargs):
         raise AssertionError("the hub was asked for data the evaluation does not need")
 
-    monkeypatch.setattr(summary_eval, "load_hub_records", no_hub)
+    monkeypatch.setattr(sources, "load_hub_records", no_hub)
     adapter = tmp_path / "checkpoints" / "step-000020"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}")

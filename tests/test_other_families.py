@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from gemma_lowmem.config import LoraConfig, ModelConfig, TrainConfig
-from gemma_lowmem.data.collate import collate
+from gemma_lowmem.data.collate import collate, collate_for
 from gemma_lowmem.loss import sft_loss
 from gemma_lowmem.model import add_lora, load_base_model
 from gemma_lowmem.train import fit
@@ -55,6 +55,7 @@ def test_lora_training_on_packed_rows_lowers_the_loss(model_dir, tmp_path):
     data = _docs([12, 20, 7, 30, 16, 9, 25, 11] * 2, seed=1)
     cfg = TrainConfig(max_steps=12, lr=1e-2, batch_size=1, grad_accum=1, eval_every=0, save_every=0, packing=True,
                       pack_len=64, warmup_ratio=0.0, precision="fp32")
-    result = fit(model, data, [], cfg, run_dir=tmp_path / "run", pad_id=0, show_progress=False)
+    result = fit(model, data, [], cfg, run_dir=tmp_path / "run", collate_fn=collate_for(model, pad_id=0, packed=True),
+                 show_progress=False)
     losses = [r["loss"] for r in result.history if "loss" in r]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]

@@ -32,8 +32,7 @@ from gemma_lowmem.errors import UserError
 from gemma_lowmem.loss import sft_loss
 from gemma_lowmem.model import add_lora
 from gemma_lowmem.tasks.summary_eval import DEMO_FILE
-from gemma_lowmem.train import fit
-from tests.test_train import examples
+from tests.test_train import examples, fit_sft
 from tests.tiny import tiny_gemma3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,14 +92,14 @@ def test_resume_from_every_step_equals_the_uninterrupted_run(tmp_path, packing):
     mid-epoch; dropout needs the RNG restored; early stopping needs best_val and bad_evals restored."""
     cfg = replace(RESUME_CFG, packing=packing)
     data, val = examples(15, seed=11), unseen_answers(4, seed=12)
-    full = fit(lora_model(), data, val, cfg, run_dir=tmp_path / "full", pad_id=0, show_progress=False)
+    full = fit_sft(lora_model(), data, val, cfg, run_dir=tmp_path / "full", show_progress=False)
     assert full.stopped == "early_stopping" and 3 < full.steps < cfg.max_steps, full.history
     assert len({r["epoch"] for r in full.history if "epoch" in r}) > 1  # the run crosses an epoch boundary
     for k in range(1, full.steps):
         resumed_dir = tmp_path / f"from-{k}"
         resumed_cfg = replace(cfg, resume=str(tmp_path / "full" / "checkpoints" / f"step-{k:06d}"))
-        resumed = fit(lora_model(seed=100 + k), data, val, resumed_cfg, run_dir=resumed_dir, pad_id=0,
-                      show_progress=False)
+        resumed = fit_sft(lora_model(seed=100 + k), data, val, resumed_cfg, run_dir=resumed_dir,
+                          show_progress=False)
         expected = [r for r in train_losses(full.history) if r[0] > k]
         assert train_losses(resumed.history) == expected, k
         assert (resumed.stopped, resumed.steps, resumed.best_val_loss) == (full.stopped, full.steps,
@@ -112,14 +111,14 @@ def test_resume_from_every_step_equals_the_uninterrupted_run(tmp_path, packing):
 def test_resume_refuses_another_data_order_or_adapter_shape(tmp_path):
     data = examples(8)
     cfg = TrainConfig(max_steps=2, save_every=1, eval_every=0, packing=False)
-    fit(lora_model(), data, [], cfg, run_dir=tmp_path / "a", pad_id=0, show_progress=False)
+    fit_sft(lora_model(), data, [], cfg, run_dir=tmp_path / "a", show_progress=False)
     with pytest.raises(UserError, match="batch_size was 2, now 4"):
-        fit(lora_model(), data, [], replace(cfg, batch_size=4, resume=str(tmp_path / "a")), run_dir=tmp_path / "b",
-            pad_id=0, show_progress=False)
+        fit_sft(lora_model(), data, [], replace(cfg, batch_size=4, resume=str(tmp_path / "a")),
+                run_dir=tmp_path / "b", show_progress=False)
     other_rank = add_lora(tiny_gemma3(), LoraConfig(r=8, alpha=8), gradient_checkpointing=False)
     with pytest.raises(UserError, match="does not fit"):
-        fit(other_rank, data, [], replace(cfg, resume=str(tmp_path / "a")), run_dir=tmp_path / "c", pad_id=0,
-            show_progress=False)
+        fit_sft(other_rank, data, [], replace(cfg, resume=str(tmp_path / "a")), run_dir=tmp_path / "c",
+                show_progress=False)
 
 
 # --------------------------------------------------------------------------------------------------------- signals
@@ -143,18 +142,18 @@ SIGNAL_CFG = TrainConfig(max_steps=6, lr=5e-3, batch_size=2, grad_accum=2, eval_
 
 def test_signal_saves_at_the_step_boundary_and_resume_continues_exactly(tmp_path, capsys):
     data, val = examples(16, seed=4), examples(4, seed=5)
-    full = fit(lora_model(), data, val, SIGNAL_CFG, run_dir=tmp_path / "full", pad_id=0, show_progress=False)
+    full = fit_sft(lora_model(), data, val, SIGNAL_CFG, run_dir=tmp_path / "full", show_progress=False)
     handler = signal.getsignal(signal.SIGTERM)
     # micro-batch 7 is the first half of step 4's window: the step finishes, then the run stops
-    stopped = fit(lora_model(), data, val, SIGNAL_CFG, run_dir=tmp_path / "run", pad_id=0, show_progress=False,
-                  loss_fn=signalling_loss({7: signal.SIGTERM}))
+    stopped = fit_sft(lora_model(), data, val, SIGNAL_CFG, run_dir=tmp_path / "run", show_progress=False,
+                      loss_fn=signalling_loss({7: signal.SIGTERM}))
     assert stopped.stopped == "signal" and stopped.steps == 4
     assert signal.getsignal(signal.SIGTERM) == handler  # the loop's handler is gone again
     out = capsys.readouterr().out
     assert f"checkpoint saved in {tmp_path / 'run' / 'checkpoints' / 'step-000004'}" in out
     assert not (tmp_path / "run" / "checkpoints" / "step-000005").exists()
-    resumed = fit(lora_model(seed=7), data, val, replace(SIGNAL_CFG, resume=str(tmp_path / "run")),
-                  run_dir=tmp_path / "run", pad_id=0, show_progress=False)
+    resumed = fit_sft(lora_model(seed=7), data, val, replace(SIGNAL_CFG, resume=str(tmp_path / "run")),
+                      run_dir=tmp_path / "run", show_progress=False)
     assert train_losses(resumed.history) == train_losses(full.history)  # one log: first part, then the rest
     assert_same_weights(tmp_path / "run" / "adapter", tmp_path / "full" / "adapter")
 
@@ -162,8 +161,8 @@ def test_signal_saves_at_the_step_boundary_and_resume_continues_exactly(tmp_path
 def test_a_second_signal_stops_at_once_without_touching_checkpoints(tmp_path):
     cfg = replace(SIGNAL_CFG, save_every=1)
     with pytest.raises(KeyboardInterrupt):
-        fit(lora_model(), examples(16, seed=4), [], cfg, run_dir=tmp_path, pad_id=0, show_progress=False,
-            loss_fn=signalling_loss({5: signal.SIGINT, 6: signal.SIGINT}))
+        fit_sft(lora_model(), examples(16, seed=4), [], cfg, run_dir=tmp_path, show_progress=False,
+                loss_fn=signalling_loss({5: signal.SIGINT, 6: signal.SIGINT}))
     folders = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert folders == ["step-000001", "step-000002"]  # step 3 was never saved; the last two are intact
     state = checkpoint.load_checkpoint(tmp_path / "checkpoints" / "step-000002", lora_model())
@@ -203,8 +202,8 @@ def faulty_loss(bad: dict[int, str], grad_accum: int):
 def test_non_finite_steps_are_skipped_counted_and_logged(tmp_path):
     cfg = TrainConfig(max_steps=5, lr=1e-2, grad_accum=2, eval_every=0, save_every=1, keep_checkpoints=10,
                       packing=False)
-    result = fit(lora_model(dropout=0.0), examples(12), [], cfg, run_dir=tmp_path, pad_id=0, show_progress=False,
-                 loss_fn=faulty_loss({2: "loss", 4: "grad"}, cfg.grad_accum))
+    result = fit_sft(lora_model(dropout=0.0), examples(12), [], cfg, run_dir=tmp_path, show_progress=False,
+                     loss_fn=faulty_loss({2: "loss", 4: "grad"}, cfg.grad_accum))
     assert result.stopped == "max_steps" and result.skipped_steps == 2
     records = {r["step"]: r for r in result.history if "loss" in r}
     assert records[2]["loss"] is None and records[2]["skipped"] == 1
@@ -224,8 +223,8 @@ def test_k_non_finite_steps_in_a_row_stop_with_the_last_good_state(tmp_path):
     cfg = TrainConfig(max_steps=20, lr=1e-2, grad_accum=2, eval_every=0, save_every=1, keep_checkpoints=10,
                       max_bad_steps=3, packing=False)
     with pytest.raises(UserError, match=r"3 optimizer steps in a row had a non-finite loss .* step 5") as info:
-        fit(lora_model(dropout=0.0), examples(12), [], cfg, run_dir=tmp_path, pad_id=0, show_progress=False,
-            loss_fn=faulty_loss({s: "loss" for s in range(3, 21)}, cfg.grad_accum))
+        fit_sft(lora_model(dropout=0.0), examples(12), [], cfg, run_dir=tmp_path, show_progress=False,
+                loss_fn=faulty_loss({s: "loss" for s in range(3, 21)}, cfg.grad_accum))
     saved = tmp_path / "checkpoints" / "step-000005"
     assert str(saved) in str(info.value)
     assert_same_weights(saved, tmp_path / "checkpoints" / "step-000002")  # the weights of the last good step
@@ -240,8 +239,8 @@ def test_fp16_scaler_overflows_are_routine_until_the_scale_drops_below_one(tmp_p
                       packing=False)
     bad = {1: "grad", 2: "grad", 3: "grad", 4: "grad", 6: "loss", 7: "loss", 8: "loss"}
     with pytest.raises(UserError, match="2 optimizer steps in a row"):
-        fit(lora_model(dropout=0.0), examples(12), [], cfg, run_dir=tmp_path, pad_id=0, show_progress=False,
-            loss_fn=faulty_loss(bad, cfg.grad_accum))
+        fit_sft(lora_model(dropout=0.0), examples(12), [], cfg, run_dir=tmp_path, show_progress=False,
+                loss_fn=faulty_loss(bad, cfg.grad_accum))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "skipped" in r] == [1, 2, 3, 4, 6, 7]
     scales = [r["loss_scale"] for r in records]
@@ -254,8 +253,8 @@ def test_fp16_scaler_overflows_are_routine_until_the_scale_drops_below_one(tmp_p
 def test_the_same_seed_gives_the_same_losses(tmp_path):
     cfg = TrainConfig(max_steps=4, lr=1e-2, grad_accum=2, eval_every=2, save_every=0, pack_len=64)
     data, val = examples(12), examples(3, seed=9)
-    runs = [fit(lora_model(), data, val, replace(cfg, seed=seed), run_dir=tmp_path / f"{i}", pad_id=0,
-                show_progress=False) for i, seed in enumerate((42, 42, 43))]
+    runs = [fit_sft(lora_model(), data, val, replace(cfg, seed=seed), run_dir=tmp_path / f"{i}", show_progress=False)
+            for i, seed in enumerate((42, 42, 43))]
     assert train_losses(runs[0].history) == train_losses(runs[1].history)
     assert train_losses(runs[0].history) != train_losses(runs[2].history)
 
@@ -265,8 +264,8 @@ def test_the_same_seed_gives_the_same_losses(tmp_path):
 
 def saved_model(tmp_path: Path, steps: int = 2) -> torch.nn.Module:
     model = lora_model()
-    fit(model, examples(8), [], TrainConfig(max_steps=steps, save_every=1, keep_checkpoints=10, eval_every=0,
-                                            packing=False), run_dir=tmp_path, pad_id=0, show_progress=False)
+    fit_sft(model, examples(8), [], TrainConfig(max_steps=steps, save_every=1, keep_checkpoints=10, eval_every=0,
+                                                packing=False), run_dir=tmp_path, show_progress=False)
     return model
 
 
@@ -365,7 +364,7 @@ def _train_worker(run_dir: Path, cfg: TrainConfig) -> None:
     except UserError:
         resume = None
     data, val = examples(24, seed=21), examples(6, seed=22)
-    fit(lora_model(), data, val, replace(cfg, resume=resume), run_dir=run_dir, pad_id=0, show_progress=False)
+    fit_sft(lora_model(), data, val, replace(cfg, resume=resume), run_dir=run_dir, show_progress=False)
 
 
 def _paused_worker(where: str, nth: int, pipe: int, run_dir: Path) -> None:

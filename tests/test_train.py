@@ -10,12 +10,12 @@ import torch
 from peft import PeftModel
 
 from gemma_lowmem.config import LoraConfig, TrainConfig
-from gemma_lowmem.data.collate import collate
+from gemma_lowmem.data.collate import collate, collate_for
 from gemma_lowmem.device import resolve_precision
 from gemma_lowmem.loss import sft_loss
 from gemma_lowmem.memory import BudgetTooSmall
 from gemma_lowmem.model import add_lora
-from gemma_lowmem.train import backward_window, fit, lr_factor, more_splits, split_rows
+from gemma_lowmem.train import FitResult, backward_window, fit, lr_factor, more_splits, split_rows
 from tests.tiny import tiny_gemma3, tiny_gemma3n
 
 MODELS = {"gemma3": tiny_gemma3, "gemma3n": tiny_gemma3n}
@@ -43,6 +43,11 @@ def lora_model(name: str, checkpointing: bool = False, seed: int = 0) -> torch.n
     return model
 
 
+def fit_sft(model: torch.nn.Module, train: list, val: list, cfg: TrainConfig, **kwargs) -> FitResult:
+    """``fit`` with the SFT collate that ``run.py`` gives it (pad id 0: the tiny tokenizer's)."""
+    return fit(model, train, val, cfg, collate_fn=collate_for(model, pad_id=0, packed=cfg.packing), **kwargs)
+
+
 def lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -52,7 +57,7 @@ def test_loss_falls(name, tmp_path):
     model = add_lora(MODELS[name](), LoraConfig(r=8, alpha=16, dropout=0.0), gradient_checkpointing=True)
     cfg = TrainConfig(max_steps=20, lr=1e-2, batch_size=2, grad_accum=2, eval_every=0, save_every=0,
                       packing=False, warmup_ratio=0.0)
-    result = fit(model, examples(24), [], cfg, run_dir=tmp_path, pad_id=0, show_progress=False)
+    result = fit_sft(model, examples(24), [], cfg, run_dir=tmp_path, show_progress=False)
     losses = [r["loss"] for r in result.history if "loss" in r]
     assert len(losses) == 20
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
@@ -111,12 +116,11 @@ def test_resume_gives_the_same_losses(tmp_path):
     data = examples(20, seed=4)
     lora = LoraConfig(r=4, alpha=8, dropout=0.1)  # dropout: the RNG state must be restored too
     torch.manual_seed(0)
-    full = fit(add_lora(tiny_gemma3(), lora, True), data, [], cfg, run_dir=tmp_path / "a", pad_id=0,
-               show_progress=False)
+    full = fit_sft(add_lora(tiny_gemma3(), lora, True), data, [], cfg, run_dir=tmp_path / "a", show_progress=False)
     torch.manual_seed(123)  # a different adapter init and RNG: resume must restore both
     cfg_resume = TrainConfig(**{**cfg.__dict__, "resume": str(tmp_path / "a" / "checkpoints" / "step-000003")})
-    resumed = fit(add_lora(tiny_gemma3(), lora, True), data, [], cfg_resume, run_dir=tmp_path / "b", pad_id=0,
-                  show_progress=False)
+    resumed = fit_sft(add_lora(tiny_gemma3(), lora, True), data, [], cfg_resume, run_dir=tmp_path / "b",
+                      show_progress=False)
     losses_full = [r["loss"] for r in full.history]
     losses_resumed = [r["loss"] for r in resumed.history]
     assert len(losses_full) == 6 and len(losses_resumed) == 3
@@ -124,15 +128,15 @@ def test_resume_gives_the_same_losses(tmp_path):
     assert resumed.final_loss == pytest.approx(full.final_loss, rel=1e-6)
     # killed after the final checkpoint but before the summary: resuming there trains nothing, same summary
     cfg_end = TrainConfig(**{**cfg.__dict__, "resume": str(tmp_path / "a" / "checkpoints" / "step-000006")})
-    at_end = fit(add_lora(tiny_gemma3(), lora, True), data, [], cfg_end, run_dir=tmp_path / "c", pad_id=0,
-                 show_progress=False)
+    at_end = fit_sft(add_lora(tiny_gemma3(), lora, True), data, [], cfg_end, run_dir=tmp_path / "c",
+                     show_progress=False)
     assert (at_end.steps, at_end.final_loss) == (full.steps, full.final_loss)
 
 
 def test_saved_adapter_loads_with_peft_and_gives_same_logits(tmp_path):
     model = add_lora(tiny_gemma3(), LoraConfig(r=4, alpha=8, dropout=0.0), False)
     cfg = TrainConfig(max_steps=3, lr=1e-2, eval_every=0, save_every=0, packing=False)
-    fit(model, examples(8), [], cfg, run_dir=tmp_path, pad_id=0, show_progress=False)
+    fit_sft(model, examples(8), [], cfg, run_dir=tmp_path, show_progress=False)
     ids = torch.tensor([examples(1, seed=9)[0]["input_ids"]])
     model.eval()
     with torch.no_grad():
@@ -153,7 +157,7 @@ def test_validation_and_early_stopping(tmp_path):
     # lr so high that validation loss stops improving quickly
     cfg = TrainConfig(max_steps=40, lr=0.5, eval_every=1, early_stopping_patience=2, save_every=0, packing=False,
                       warmup_ratio=0.0, scheduler="constant")
-    result = fit(model, examples(8), examples(4, seed=7), cfg, run_dir=tmp_path, pad_id=0, show_progress=False)
+    result = fit_sft(model, examples(8), examples(4, seed=7), cfg, run_dir=tmp_path, show_progress=False)
     assert result.stopped == "early_stopping" and result.steps < 40
     assert (tmp_path / "adapter_best" / "adapter_config.json").is_file()
     val = [r["val_loss"] for r in result.history if "val_loss" in r]
@@ -185,8 +189,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_objective(tmp_path):
     runs = {}
     for name, loss_fn in (("plain", None), ("oom", oom_above(1))):
         model = lora_model("gemma3")
-        runs[name] = fit(model, data, [], cfg, run_dir=tmp_path / name, pad_id=0, loss_fn=loss_fn,
-                         show_progress=False)
+        runs[name] = fit_sft(model, data, [], cfg, run_dir=tmp_path / name, loss_fn=loss_fn, show_progress=False)
     losses = {k: [r["loss"] for r in run.history if "loss" in r] for k, run in runs.items()}
     assert len(losses["oom"]) == 3
     assert losses["oom"] == pytest.approx(losses["plain"], rel=1e-5)  # same rows, same objective
@@ -198,8 +201,8 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_objective(tmp_path):
 def test_out_of_memory_with_one_row_stops_with_a_clear_error(tmp_path):
     cfg = TrainConfig(max_steps=2, batch_size=1, grad_accum=1, eval_every=0, save_every=0, packing=False)
     with pytest.raises(BudgetTooSmall, match="one row"):
-        fit(lora_model("gemma3"), examples(4), [], cfg, run_dir=tmp_path, pad_id=0, loss_fn=oom_above(0),
-            show_progress=False)
+        fit_sft(lora_model("gemma3"), examples(4), [], cfg, run_dir=tmp_path, loss_fn=oom_above(0),
+                show_progress=False)
 
 
 def test_split_rows_and_more_splits():

@@ -7,15 +7,15 @@ loss of ``hidden[:, :-1]`` against ``labels[:, 1:]``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 
 from gemma_lowmem.attention import PACKED_SDPA
 from gemma_lowmem.data.packing import document_runs, packed_attention_masks, packed_position_ids
-
-IGNORE_INDEX = -100
+from gemma_lowmem.data.tokenize import IGNORE_INDEX
 
 
 def collate(
@@ -99,6 +99,44 @@ def collate(
     batch["num_loss_tokens"] = (labels[:, 1:] != IGNORE_INDEX).sum()
     batch["num_tokens"] = torch.tensor(sum(row_lengths), dtype=torch.long)
     return batch
+
+
+def attention_settings(model: torch.nn.Module) -> dict[str, Any]:
+    """The ``sliding_window`` and ``attn_implementation`` keywords of :func:`collate` that match ``model``.
+
+    Read from the model's config, or its nested ``text_config`` (multimodal Gemma 3 / 3n): the sliding window
+    (None unless the layer layout ``layer_types`` has a sliding layer, so a model of full-attention layers gets its
+    one 4D mask even when its config names a window) and ``_attn_implementation`` ("sdpa" when unset). A module
+    without a config gets the defaults.
+
+    Returns:
+        ``{"sliding_window": int | None, "attn_implementation": str}``.
+    """
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        window = None
+    implementation = getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
+    return {"sliding_window": window, "attn_implementation": implementation or "sdpa"}
+
+
+def collate_for(model: torch.nn.Module, *, pad_id: int, packed: bool) -> Callable[[Sequence[Sequence[dict]]], dict]:
+    """:func:`collate` for ``model``: the SFT collate to give ``fit``.
+
+    The model config's sliding window, layer layout (``layer_types``) and attention implementation, a nested
+    ``text_config``'s when there is one, fill in ``collate``'s mask keywords (see :func:`attention_settings`).
+
+    Args:
+        model: the causal LM the batches are for (a PeftModel or a plain one).
+        pad_id: the tokenizer's pad token id.
+        packed: rows hold several documents (``TrainConfig.packing``).
+
+    Returns:
+        ``collate_fn(rows) -> batch``, as :func:`collate` returns it.
+    """
+    return partial(collate, pad_id=pad_id, packed=packed, **attention_settings(model))
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,10 @@ from tqdm.auto import tqdm
 
 from gemma_lowmem.data.conversation import Conversation, Message
 from gemma_lowmem.errors import UserError
+from gemma_lowmem.text import cut_at_sentence_end
 
 IGNORE_INDEX = -100
 GEMMA_ROLES = {"user": "user", "assistant": "model"}
-_SENTENCE_END = re.compile(r"(?<=[.!?。다])\s+")
 
 
 def fold_system(messages: list[Message]) -> list[Message]:
@@ -76,18 +75,6 @@ def encode_messages(tokenizer: Any, messages: list[Message], system_role: bool =
     return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
 
 
-def shorten_at_sentence(text: str, max_chars: int) -> str:
-    """The longest prefix of whole sentences within ``max_chars`` (a hard cut when the first sentence is longer)."""
-    if len(text) <= max_chars:
-        return text
-    cut = ""
-    for match in _SENTENCE_END.finditer(text):
-        if match.start() > max_chars:
-            break
-        cut = text[: match.start()]
-    return cut or text[:max_chars]
-
-
 @dataclass
 class EncodedSet:
     """Token examples of a data set and what happened on the way."""
@@ -112,7 +99,7 @@ def _encode_fitting(tokenizer: Any, conv: Conversation, max_len: int, system_rol
             return None, False
         cut_tokens = len(tokenizer(cut, add_special_tokens=False)["input_ids"])
         keep = max(0.0, (cut_tokens - overflow - 8) / max(cut_tokens, 1))
-        shorter = shorten_at_sentence(cut, int(len(cut) * keep))
+        shorter = cut_at_sentence_end(cut, int(len(cut) * keep))
         messages = [{**m, "content": m["content"].replace(cut, shorter, 1)} for m in conv.messages]
         conv, cut = Conversation(messages, shorter, conv.meta), shorter
         example = encode_messages(tokenizer, conv.messages, system_role)
@@ -127,8 +114,8 @@ def _cache_key(tokenizer: Any, conversations: list[Conversation], max_len: int, 
         getattr(tokenizer, "chat_template", None) or "",
         max_len,
         system_role,
-        1,
-    ]  # the last item versions this file's encoding
+        2,
+    ]  # the last item versions this file's encoding: a change to the tokens or the cuts it makes bumps it
     digest.update(json.dumps(header).encode())
     for conv in conversations:
         digest.update(json.dumps([conv.messages, conv.cut], ensure_ascii=False).encode())

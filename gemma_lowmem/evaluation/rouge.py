@@ -23,10 +23,11 @@ import numpy as np
 from nltk.stem import porter
 from rouge_score import rouge_scorer
 
+from gemma_lowmem.text import has_non_latin_letter
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 LANGS = ("en", "ko")
 
-_NON_ASCII_RE = re.compile(r"[^\x00-\x7f]")
 _ASCII_WORD_RE = re.compile(r"[a-z0-9]+")
 
 
@@ -73,24 +74,6 @@ class UnicodeTokenizer:
         return [self._stemmer.stem(w) if len(w) > 3 and _ASCII_WORD_RE.fullmatch(w) else w for w in words]
 
 
-def detect_lang(text: str) -> str:
-    """Pick the tokenizer for a text: ``"ko"`` when it holds a letter of a non-Latin script, else ``"en"``.
-
-    Args:
-        text: any text.
-
-    Returns:
-        ``"en"`` (rouge-score's own tokenizer) or ``"ko"`` (:class:`UnicodeTokenizer`, for Korean and other scripts).
-    """
-    if text.isascii():
-        return "en"
-    for ch in set(_NON_ASCII_RE.findall(text)):
-        # Accented Latin letters (café, München) keep the English tokenizer, as rouge-score would score them.
-        if ch.isalpha() and not unicodedata.name(ch, "").startswith("LATIN"):
-            return "ko"
-    return "en"
-
-
 @functools.cache
 def _scorer(lang: str) -> rouge_scorer.RougeScorer:
     if lang == "en":
@@ -101,7 +84,7 @@ def _scorer(lang: str) -> rouge_scorer.RougeScorer:
 def _pair_lang(prediction: str, reference: str, lang: str | None) -> str:
     if lang is None:
         # One tokenizer for both sides, so an English answer to a Korean reference is still compared word by word.
-        return "ko" if "ko" in (detect_lang(prediction), detect_lang(reference)) else "en"
+        return "ko" if has_non_latin_letter(prediction) or has_non_latin_letter(reference) else "en"
     if lang not in LANGS:
         raise ValueError(f"lang must be one of {LANGS} or None (auto), got {lang!r}")
     return lang
@@ -113,7 +96,8 @@ def rouge_pair(prediction: str, reference: str, lang: str | None = None) -> dict
     Args:
         prediction: the generated summary.
         reference: the reference summary; for ROUGE-Lsum, one sentence per line.
-        lang: ``"en"``, ``"ko"`` or ``None`` to choose from the texts (see :func:`detect_lang`).
+        lang: ``"en"`` (rouge-score's tokenizer), ``"ko"`` (:class:`UnicodeTokenizer`, for Korean and other
+            scripts) or ``None``: ``"ko"`` when either text holds a letter of a non-Latin script.
 
     Returns:
         ``{"rouge1", "rouge2", "rougeL", "rougeLsum"} -> RougeScore``; empty texts score 0.
@@ -138,7 +122,7 @@ def rouge_scores(
     Args:
         predictions: generated summaries.
         references: reference summaries, same length; for ROUGE-Lsum, one sentence per line.
-        lang: ``"en"``, ``"ko"`` or ``None`` to choose per pair (see :func:`detect_lang`).
+        lang: ``"en"``, ``"ko"`` or ``None`` to choose per pair (see :func:`rouge_pair`).
         bootstrap: also give a 95% percentile interval of each mean F1 from resampling the pairs.
         n_resamples: bootstrap resamples.
         seed: seed of the bootstrap's generator.

@@ -23,7 +23,7 @@ from collections import Counter
 from typing import Any
 
 from gemma_lowmem.tasks.essay_rubric import ESSAY_CRITERIA, MAX_TOTAL
-from gemma_lowmem.tasks.student_summaries import content_tokens, split_sentences
+from gemma_lowmem.text import content_tokens, split_sentences
 
 _MARKERS = {  # phrases that signal each part of an argument; English ones match whole words, case-insensitive
     "claim": ("i believe", "i think", "in my opinion", "i agree", "i disagree", "i feel", "i strongly", "my view",

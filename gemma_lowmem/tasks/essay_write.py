@@ -39,8 +39,8 @@ from gemma_lowmem.evaluation.rubric import parse_rubric
 from gemma_lowmem.tasks.essay_feedback import essay_features
 from gemma_lowmem.tasks.essay_rubric import ESSAY_RUBRIC
 from gemma_lowmem.tasks.sources import BadRow, HubSet, LoadedRows, MissingField, Row, load_rows
-from gemma_lowmem.tasks.student_summaries import content_tokens, cut_at_sentence_end, split_sentences
 from gemma_lowmem.tasks.summary_eval import DEMO_FILE
+from gemma_lowmem.text import content_tokens, cut_at_sentence_end, split_sentences
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from gemma_lowmem.loss import lm_parts
 from gemma_lowmem.model import CACHE
 from gemma_lowmem.tasks import TaskTraining
 from gemma_lowmem.tasks.sources import BadRow, HubSet, LoadedRows, MissingField, Row, load_rows
-from gemma_lowmem.tasks.student_summaries import detect_lang
+from gemma_lowmem.text import detect_lang
 
 log = logging.getLogger(__name__)
 

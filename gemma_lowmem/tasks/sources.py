@@ -1,6 +1,6 @@
 """Where a task's rows come from: the bundled demo file, local files or a hub data set, then held out and limited.
 
-Shared by the topic and essay tasks. A task gives a ``normalise(row) -> dict`` that turns one raw row into the
+Shared by every task that reads rows. A task gives a ``normalise(row) -> dict`` that turns one raw row into the
 task's form or raises :class:`BadRow`; :func:`load_rows` names the file and record of a bad row, and skips it
 (counting) with ``skip_bad_rows``. Source order, first match wins: ``cfg.demo``; ``cfg.train_file``; ``cfg.data`` as
 a local file (when it exists or ends in a data-file suffix); ``cfg.data`` as a hub id; the task's default hub set.
@@ -161,6 +161,22 @@ def take_balanced(rows: list[Row], n: int | None, key: str | None) -> list[Row]:
     return [rows[i] for i in sorted(chosen)]
 
 
+def _number_ids(rows: list[Row], prefix: str) -> list[Row]:
+    """Give each row whose ``id`` is None the id ``<prefix>-<i>``, ``i`` its 0-based place among ``rows``.
+
+    Args:
+        rows: normalised rows (changed in place).
+        prefix: names the source, e.g. the file's stem.
+
+    Returns:
+        ``rows``.
+    """
+    for i, row in enumerate(rows):
+        if row.get("id") is None:
+            row["id"] = f"{prefix}-{i}"
+    return rows
+
+
 def is_local(data: str | None) -> bool:
     """``data`` names a local file: it exists, or ends in a data-file suffix (so a typo says "no such file")."""
     return data is not None and (Path(data).exists() or Path(data).suffix.lower() in SUPPORTED_SUFFIXES)
@@ -169,7 +185,8 @@ def is_local(data: str | None) -> bool:
 def load_rows(cfg: DataConfig, normalise: Callable[[Row], Row], *, fields: Sequence[str], demo_file: Path,
               hub: HubSet | None, demo_val_fraction: float = 0.2, holdout_fraction: float = 0.1,
               group: str | None = None, balance: str | None = None,
-              prepare: Callable[[Path, list[Any]], list[Any]] | None = None) -> LoadedRows:
+              prepare: Callable[[Path, list[Any]], list[Any]] | None = None, required: Sequence[str] = (),
+              text_fields: Sequence[str] = (), numbered_ids: bool = False) -> LoadedRows:
     """Load, normalise, hold out and limit a task's rows (source order in the module docstring).
 
     Args:
@@ -184,6 +201,12 @@ def load_rows(cfg: DataConfig, normalise: Callable[[Row], Row], *, fields: Seque
         balance: field balanced when ``max_train_samples``/``max_val_samples`` cut (see :func:`take_balanced`).
         prepare: ``prepare(path, raw_rows) -> raw_rows`` for a local file before ``normalise`` (e.g. to fill a
             field from a file next to it).
+        required: fields every row of a local file must hold, checked by
+            :func:`~gemma_lowmem.data.records.read_records` so that the error names the line (``normalise`` sees
+            hub rows unchecked).
+        text_fields: fields of a local file's rows that must be non-empty text, checked the same way.
+        numbered_ids: a row that ``normalise`` gives the id None gets ``<file stem>-<i>`` (hub:
+            ``<set>-<split>-<i>``), ``i`` counting the usable rows of its file or split.
 
     Returns:
         The rows and what was skipped.
@@ -193,15 +216,18 @@ def load_rows(cfg: DataConfig, normalise: Callable[[Row], Row], *, fields: Seque
 
     def local(path: str | Path) -> list[Row]:
         path = Path(path)
-        raw = read_records(path, skip_bad_rows=cfg.skip_bad_rows, bad_rows=bad, columns=cfg.columns)
-        return normalise_rows(prepare(path, raw) if prepare else raw, normalise, str(path), cfg.skip_bad_rows, bad,
+        raw = read_records(path, required, text_fields, skip_bad_rows=cfg.skip_bad_rows, bad_rows=bad,
+                           columns=cfg.columns)
+        rows = normalise_rows(prepare(path, raw) if prepare else raw, normalise, str(path), cfg.skip_bad_rows, bad,
                               cfg.columns)
+        return _number_ids(rows, path.stem) if numbered_ids else rows
 
     def from_hub(chosen: HubSet, split: str, limit: int | None) -> list[Row]:
         # Slicing on the hub side keeps a 287k-row split out of memory.
-        split = f"{split}[:{limit}]" if chosen.sliced and limit else split
-        return normalise_rows(load_hub_records(chosen.name, chosen.config, split, cfg.columns), normalise,
-                              f"{chosen.name} ({split})", cfg.skip_bad_rows, bad, cfg.columns)
+        sliced = f"{split}[:{limit}]" if chosen.sliced and limit else split
+        rows = normalise_rows(load_hub_records(chosen.name, chosen.config, sliced, cfg.columns), normalise,
+                              f"{chosen.name} ({sliced})", cfg.skip_bad_rows, bad, cfg.columns)
+        return _number_ids(rows, f"{chosen.name.split('/')[-1]}-{split}") if numbered_ids else rows
 
     val: list[Row] | None = None
     if cfg.demo:

@@ -25,39 +25,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from gemma_lowmem.text import HANGUL_RE, LETTER_RE, STOPWORDS_EN, content_tokens, detect_lang, split_sentences
+
 KINDS = ("near_reference", "lead", "partial", "factual_error", "verbose", "ungrammatical", "off_topic", "empty")
 
-
-def _wordlist(words: str) -> list[str]:
-    """Space-separated words to a list: keeps the long word lists below readable."""
-    return words.split()
-
-
-_HANGUL = re.compile(r"[가-힣]")
-_LETTER = re.compile(r"[^\W\d_]")
-# A sentence ends at . ? ! (with closing quotes or brackets) followed by space, at 다. directly followed by Hangul,
-# or at a newline.
-_BOUNDARY = re.compile(r"(?P<end>[.?!…]+[\"'”’)\]]*)(?P<space>\s+)(?=\S)|(?<=다\.)(?=[가-힣])|\s*\n\s*")
-_ABBREVIATIONS = {
-    "mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "gen", "gov", "sen", "rep", "rev", "lt", "col", "capt", "sgt",
-    "no", "vs", "u.s", "u.k", "u.n", "e.g", "i.e", "inc", "corp", "co", "ltd", "jan", "feb", "mar", "apr", "aug",
-    "sep", "sept", "oct", "nov", "dec", "mt", "ft", "a.m", "p.m",
-}
-_WORD = re.compile(r"\d+(?:[.,]\d+)*%?|[A-Za-z]+(?:['’][A-Za-z]+)*|[가-힣]+|[^\W_]+")
 _NUMBER = re.compile(r"(?<![\d.,])\d+(?:[.,]\d+)*(?!\d)")
-
-STOPWORDS_EN = frozenset(_wordlist(
-    "a an the and or but if of to in on at by for from with about as into onto over after before than then so "
-    "is are was were be been being am has have had do does did will would can could should may might must shall "
-    "it its it's this that these those there their they them he him his she her we our us you your i me my "
-    "not no yes who whom whose which what when where why how all any some more most other such only also just "
-    "very up down out off again further once here both each few own same too s t said says say"
-))
 # Korean particles and endings stripped from the end of a word before looking it up in the article.
-_JOSA = sorted(_wordlist(
-    "은 는 이 가 을 를 의 에 에서 에게 께서 으로 로 와 과 도 만 까지 부터 이라고 라고 이라는 라는 이다 였다 했다 "
-    "하고 하며 하는 한 된 될 되는 에는 에도 으로는 로는 이며 며 고 다"
-    ),
+_JOSA = sorted(
+    ("은 는 이 가 을 를 의 에 에서 에게 께서 으로 로 와 과 도 만 까지 부터 이라고 라고 이라는 라는 이다 였다 했다 "
+     "하고 하며 하는 한 된 될 되는 에는 에도 으로는 로는 이며 며 고 다").split(),
     key=len,
     reverse=True,
 )
@@ -132,87 +108,7 @@ class StudentSummary:
     noise: int = 0
 
 
-# ---------------------------------------------------------------------------------------------------------------- text
-
-
-def detect_lang(text: str) -> str:
-    """``"ko"`` when at least a fifth of the letters are Hangul, else ``"en"``.
-
-    Args:
-        text: any text.
-
-    Returns:
-        ``"ko"`` or ``"en"``.
-    """
-    letters = len(_LETTER.findall(text))
-    return "ko" if letters and len(_HANGUL.findall(text)) >= 0.2 * letters else "en"
-
-
-def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans of the sentences of ``text`` (English or Korean).
-
-    Args:
-        text: the text to split.
-
-    Returns:
-        ``(start, end)`` of each non-empty sentence, in order, without surrounding space.
-    """
-    spans, start = [], 0
-    for m in _BOUNDARY.finditer(text):
-        if m.group("end"):
-            nxt = text[m.end()]
-            before = re.search(r"(\S+)$", text[start:m.start()])
-            word = before.group(1).lower() if before else ""
-            # "e.g. this", "Mr. Smith", "J. Smith", "U.S. forces": not a sentence end.
-            if (nxt.isascii() and nxt.islower()) or word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()):
-                continue
-            end = m.end("end")
-        else:
-            end = m.start()
-        _add_span(text, start, end, spans)
-        start = m.end()
-    _add_span(text, start, len(text), spans)
-    return spans
-
-
-def _add_span(text: str, start: int, end: int, spans: list[tuple[int, int]]) -> None:
-    piece = text[start:end]
-    stripped = piece.strip()
-    if stripped:
-        lead = len(piece) - len(piece.lstrip())
-        spans.append((start + lead, start + lead + len(stripped)))
-
-
-def split_sentences(text: str) -> list[str]:
-    """The sentences of ``text`` (see :func:`sentence_spans`).
-
-    Args:
-        text: the text to split.
-
-    Returns:
-        The sentences, stripped.
-    """
-    return [text[a:b] for a, b in sentence_spans(text)]
-
-
-def cut_at_sentence_end(text: str, max_chars: int) -> str:
-    """Shorten ``text`` to at most ``max_chars`` characters, ending at a sentence end where one fits.
-
-    Args:
-        text: the text.
-        max_chars: the length limit.
-
-    Returns:
-        ``text`` itself when short enough; else the longest prefix of whole sentences, or (when even the first
-        sentence is too long) the prefix up to the last space before the limit.
-    """
-    if len(text) <= max_chars:
-        return text
-    ends = [b for _, b in sentence_spans(text) if b <= max_chars]
-    if ends:
-        return text[: ends[-1]]
-    space = text.rfind(" ", 0, max_chars + 1)
-    return text[: space if space > 0 else max_chars].rstrip()
+# -------------------------------------------------------------------------------------------------------- references
 
 
 def clean_reference(highlights: str) -> str:
@@ -250,26 +146,6 @@ def _strip_josa(word: str) -> str:
     return word
 
 
-def content_tokens(text: str, keep_case: bool = False) -> list[str]:
-    """Words and numbers that carry content: English stopwords and one-letter words dropped, numbers kept.
-
-    Args:
-        text: English or Korean text.
-        keep_case: give the words as written instead of lowercased (same tokens, same order).
-
-    Returns:
-        Lowercased tokens (numbers without thousands separators), in order.
-    """
-    out = []
-    for tok in _WORD.findall(text):
-        low = tok.lower()
-        if tok[0].isdigit():
-            out.append(low.replace(",", ""))
-        elif low not in STOPWORDS_EN and len(low) > 1:
-            out.append(tok if keep_case else low)
-    return out
-
-
 class ArticleIndex:
     """What an article supports: its numbers, (stemmed) English words and its text for Korean look-ups."""
 
@@ -291,7 +167,7 @@ class ArticleIndex:
         """
         if token[0].isdigit():
             return token in self.numbers
-        if _HANGUL.search(token):
+        if HANGUL_RE.search(token):
             return _strip_josa(token) in self.text
         return _stem_en(token) in self.words
 
@@ -305,7 +181,7 @@ def _join(sentences: list[str]) -> str:
 
 def _usable(sentence: str) -> bool:
     """An article sentence a student might copy: not a byline, caption stub or run-on page furniture."""
-    letters = len(_LETTER.findall(sentence))
+    letters = len(LETTER_RE.findall(sentence))
     balanced = sentence.count('"') % 2 == 0 and sentence.count("“") == sentence.count("”")
     return 20 <= letters and len(sentence) <= 400 and len(sentence.split()) >= 4 and balanced
 
@@ -330,7 +206,7 @@ def _minor_sentences(article_sents: list[str], reference: str, skip: int) -> lis
 
 def _word_pattern(word: str) -> str:
     """A regex for ``word`` as a whole word or number (Korean: anywhere, since particles attach to words)."""
-    if _HANGUL.search(word):
+    if HANGUL_RE.search(word):
         return re.escape(word)
     if word[0].isdigit():  # "68년", "75mg", "20th": a unit may follow a number directly
         return r"(?<![\d.,])" + re.escape(word) + r"(?![\d])"
@@ -542,7 +418,7 @@ def _verbose(ref_sents: list[str], article_sents: list[str], reference: str, lan
 
 
 def _typo(word: str, lang: str, rng: random.Random) -> str:
-    if lang == "ko" or _HANGUL.search(word):
+    if lang == "ko" or HANGUL_RE.search(word):
         chars = list(word)
         i = rng.randrange(len(chars) - 1)
         chars[i], chars[i + 1] = chars[i + 1], chars[i]
@@ -583,7 +459,7 @@ def _ungrammatical(ref_sents: list[str], lang: str, rng: random.Random) -> tuple
                 del words[i]
                 counts["dropped_words"] += 1
                 continue
-        long_words = [i for i, w in enumerate(words) if len(w.strip(".,;:\"'")) >= (3 if _HANGUL.search(w) else 5)
+        long_words = [i for i, w in enumerate(words) if len(w.strip(".,;:\"'")) >= (3 if HANGUL_RE.search(w) else 5)
                       and w.strip(".,;:\"'").isalpha()]
         if long_words:
             i = rng.choice(long_words)

@@ -7,7 +7,7 @@ which this turn gives; (assistant) the rubric evaluation, the only turn that car
 News data sets hold no student summaries, so :mod:`gemma_lowmem.tasks.student_summaries` writes them (eight kinds,
 each recording its edits) and :func:`score_summary` scores them from measurable facts. ``R(x)`` rounds half up;
 ``clip`` clips to [0, 1]; *content tokens* are the lowercased words and numbers of a text without English stopwords
-and one-letter words (:func:`~gemma_lowmem.tasks.student_summaries.content_tokens`).
+and one-letter words (:func:`~gemma_lowmem.text.content_tokens`).
 
 - coverage (0-40) = ``R(40 * clip((r - 0.05) / 0.85))``, ``r`` = ROUGE-1 recall of the reference's content tokens
   by the summary's content tokens (``rouge_pair``; Porter stems for English). Near-copies of the reference
@@ -37,42 +37,31 @@ import math
 import random
 import statistics
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gemma_lowmem.config import DataConfig
 from gemma_lowmem.data.conversation import Conversation, Message
-from gemma_lowmem.data.records import (
-    SUPPORTED_SUFFIXES,
-    BadRows,
-    check_columns,
-    columns_hint,
-    load_hub_records,
-    read_records,
-)
 from gemma_lowmem.errors import UserError
-from gemma_lowmem.evaluation.rouge import rouge_pair
-from gemma_lowmem.evaluation.rubric import CRITERIA, SUMMARY_RUBRIC, render_rubric
+from gemma_lowmem.evaluation.metrics import agreement
+from gemma_lowmem.evaluation.rouge import rouge_pair, rouge_scores
+from gemma_lowmem.evaluation.rubric import CRITERIA, MAX_TOTAL, SUMMARY_RUBRIC, parse_rubric, render_rubric
+from gemma_lowmem.tasks.sources import HubSet, LoadedRows, MissingField, Row, load_rows
 from gemma_lowmem.tasks.student_summaries import (
     KINDS,
     ArticleIndex,
     StudentSummary,
     clean_reference,
-    content_tokens,
-    cut_at_sentence_end,
-    detect_lang,
     make_student_summary,
-    split_sentences,
 )
+from gemma_lowmem.text import content_tokens, cut_at_sentence_end, detect_lang, split_sentences
 
 log = logging.getLogger(__name__)
 
-HUB_NAME, HUB_CONFIG = "abisee/cnn_dailymail", "3.0.0"
+HUB = HubSet("abisee/cnn_dailymail", "3.0.0")
 DEMO_FILE = Path(__file__).parents[1] / "data" / "demo" / "summary_demo.jsonl"
 DEMO_VAL_FRACTION = 0.2  # the demo set is small: 1 row in 5 for validation
 HOLDOUT_FRACTION = 0.1  # held out of a training file when no validation file is given
-_HOLDOUT_SEED = 1234  # fixed, so the held-out rows do not move with the training seed
 RUBRIC = SUMMARY_RUBRIC  # the answers' rubric: evaluation decodes it guided
 FIELDS = ("id", "article", "highlights", "lang")  # what --columns may map
 
@@ -80,69 +69,7 @@ FIELDS = ("id", "article", "highlights", "lang")  # what --columns may map
 # ---------------------------------------------------------------------------------------------------------- loading
 
 
-@dataclass
-class LoadedData:
-    """Rows ready for :func:`build_conversations`.
-
-    Attributes:
-        train: training rows ``{"id", "article", "highlights", "lang"}``: the article cut to ``max_article_length``
-            at a sentence end, the highlights one sentence per line (:func:`clean_reference`), ``lang`` the
-            article's language (the row's own ``lang`` field when it is "ko" or "en", else detected).
-        val: validation rows, same form.
-        bad_rows: rows skipped with ``skip_bad_rows`` (count and the first reasons).
-        source: where the rows came from, for logs.
-    """
-
-    train: list[dict[str, Any]]
-    val: list[dict[str, Any]]
-    bad_rows: BadRows = field(default_factory=BadRows)
-    source: str = ""
-
-
-def _read_local(path: str | Path, cfg: DataConfig, bad_rows: BadRows) -> list[dict[str, Any]]:
-    rows = read_records(path, required=("article", "highlights"), text_fields=("article", "highlights"),
-                        skip_bad_rows=cfg.skip_bad_rows, bad_rows=bad_rows, columns=cfg.columns)
-    return _normalise(rows, Path(path).stem, cfg)
-
-
-def _read_hub(name: str, config: str | None, split: str, cfg: DataConfig, bad_rows: BadRows) -> list[dict[str, Any]]:
-    rows = []
-    for i, row in enumerate(load_hub_records(name, config, split, cfg.columns)):
-        missing = next((f for f in ("article", "highlights")
-                        if not isinstance(row.get(f), str) or not row[f].strip()), None)
-        if missing is None:
-            rows.append(row)
-            continue
-        problem = (f"{name} ({split}): row {i}: field '{missing}' is missing or empty; "
-                   f"{columns_hint(missing, cfg.columns)}")
-        if not cfg.skip_bad_rows:
-            raise UserError(problem + "; pass --skip-bad-rows to skip such rows")
-        bad_rows.add(problem)
-    return _normalise(rows, f"{name.split('/')[-1]}-{split.split('[')[0]}", cfg)
-
-
-def _normalise(rows: list[dict[str, Any]], prefix: str, cfg: DataConfig) -> list[dict[str, Any]]:
-    out = []
-    for i, row in enumerate(rows):
-        article = cut_at_sentence_end(row["article"].strip(), cfg.max_article_length)
-        lang = row.get("lang") if row.get("lang") in ("ko", "en") else detect_lang(article)
-        row_id = row.get("id")
-        out.append({"id": str(row_id) if row_id not in (None, "") else f"{prefix}-{i}", "article": article,
-                    "highlights": clean_reference(row["highlights"]), "lang": lang})
-    return out
-
-
-def _holdout(rows: list[dict[str, Any]], fraction: float, where: str) -> tuple[list[dict[str, Any]], list[dict]]:
-    """Split rows into (train, val) with a fixed-seed draw; both keep file order."""
-    if len(rows) < 2:
-        raise UserError(f"{where}: {len(rows)} usable row(s); need at least 2 to hold out validation rows, "
-                        "or give a validation file with --val-file")
-    n_val = max(1, round(len(rows) * fraction))
-    val_idx = set(random.Random(_HOLDOUT_SEED).sample(range(len(rows)), n_val))
-    return ([r for i, r in enumerate(rows) if i not in val_idx], [r for i, r in enumerate(rows) if i in val_idx])
-
-
-def load_data(cfg: DataConfig) -> LoadedData:
+def load_data(cfg: DataConfig) -> LoadedRows:
     """Load training and validation rows for the summary-evaluation task.
 
     Sources, first match wins: ``cfg.demo`` (the bundled demo set, 80/20 split); ``cfg.train_file``; ``cfg.data``
@@ -154,66 +81,29 @@ def load_data(cfg: DataConfig) -> LoadedData:
         cfg: the data configuration.
 
     Returns:
-        The rows and the skipped bad rows.
+        The rows ``{"id", "article", "highlights", "lang"}`` and what was skipped: the article cut to
+        ``max_article_length`` at a sentence end, the highlights one sentence per line (:func:`clean_reference`),
+        ``lang`` the article's language (the row's own ``lang`` field when it is "ko" or "en", else detected), ``id``
+        the row's own or ``<file stem>-<i>`` (hub: ``<set>-<split>-<i>``).
 
     Raises:
         UserError: a missing file or field (named with its file, line and field), or an unreachable hub.
     """
-    check_columns(cfg.columns, FIELDS, cfg.task)
-    bad = BadRows()
-    val: list[dict[str, Any]] | None = None
-    # A data-file suffix means a local file even when missing: "no such file" beats a confusing hub error.
-    local_data = cfg.data is not None and (Path(cfg.data).exists()
-                                           or Path(cfg.data).suffix.lower() in SUPPORTED_SUFFIXES)
-    if cfg.demo:
-        if not DEMO_FILE.exists():
-            raise UserError(f"{DEMO_FILE}: the bundled demo set is missing; reinstall gemma-lowmem")
-        train, val = _holdout(_read_local(DEMO_FILE, cfg, bad), DEMO_VAL_FRACTION, str(DEMO_FILE))
-        source = f"demo set {DEMO_FILE.name}"
-    elif cfg.train_file or local_data:
-        source = str(cfg.train_file or cfg.data)
-        train = _read_local(source, cfg, bad)
-    else:
-        name = cfg.data or HUB_NAME
-        config = HUB_CONFIG if name == HUB_NAME else None
-        source = f"hub data set {name}" + (f" ({config})" if config else "")
-        # Slicing the split on the hub side keeps a 287k-row train split out of memory.
-        cut = f"[:{cfg.max_train_samples}]" if cfg.max_train_samples else ""
-        train = _read_hub(name, config, "train" + cut, cfg, bad)
-        if not cfg.val_file:
-            cut = f"[:{cfg.max_val_samples}]" if cfg.max_val_samples else ""
-            try:
-                val = _read_hub(name, config, "validation" + cut, cfg, bad)
-            except UserError as err:  # the train split loaded, so the set most likely has no validation split
-                log.warning("no validation split (%s); holding out %.0f%% of the training rows", err,
-                            100 * HOLDOUT_FRACTION)
-    if cfg.val_file:
-        val = _read_local(cfg.val_file, cfg, bad)
-    if val is None:
-        train, val = _holdout(train, HOLDOUT_FRACTION, source)
-    train = train[: cfg.max_train_samples] if cfg.max_train_samples else train
-    val = val[: cfg.max_val_samples] if cfg.max_val_samples else val
-    return LoadedData(train, val, bad, source)
+    def normalise(row: Row) -> Row:
+        # Local rows were checked by read_records (which names the line); hub rows arrive unchecked.
+        missing = next((f for f in ("article", "highlights") if not isinstance(row.get(f), str) or not row[f].strip()),
+                       None)
+        if missing is not None:
+            raise MissingField(missing, f"field '{missing}' is missing or empty")
+        article = cut_at_sentence_end(row["article"].strip(), cfg.max_article_length)
+        row_id = row.get("id")
+        return {"id": str(row_id) if row_id not in (None, "") else None, "article": article,
+                "highlights": clean_reference(row["highlights"]),
+                "lang": row.get("lang") if row.get("lang") in ("ko", "en") else detect_lang(article)}
 
-
-def load_records(cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """:func:`load_data` without the bookkeeping: (train rows, validation rows); skipped rows are logged.
-
-    Args:
-        cfg: the data configuration.
-
-    Returns:
-        The training and validation rows (see :class:`LoadedData` for their fields).
-    """
-    data = load_data(cfg)
-    _log_bad_rows(data)
-    return data.train, data.val
-
-
-def _log_bad_rows(data: LoadedData) -> None:
-    if data.bad_rows.count:
-        log.warning("%s: skipped %d bad row(s), e.g. %s", data.source, data.bad_rows.count,
-                    "; ".join(data.bad_rows.reasons[:3]))
+    return load_rows(cfg, normalise, fields=FIELDS, demo_file=DEMO_FILE, hub=HUB,
+                     demo_val_fraction=DEMO_VAL_FRACTION, holdout_fraction=HOLDOUT_FRACTION,
+                     required=("article", "highlights"), text_fields=("article", "highlights"), numbered_ids=True)
 
 
 # ---------------------------------------------------------------------------------------------------------- scoring
@@ -691,7 +581,7 @@ def build_conversations(records: list[dict[str, Any]], lang: str, seed: int,
     """Conversations for a list of rows, kinds assigned by :func:`assign_kinds`.
 
     Args:
-        records: rows with ``article`` and ``highlights`` (e.g. from :func:`load_records`).
+        records: rows with ``article`` and ``highlights`` (e.g. from :func:`load_data`).
         lang: prompt and feedback language.
         seed: the seed; each row's summary depends only on the seed, its kind and its article.
         no_reference_share: this share of the rows (a seeded draw) asks to grade without the reference.
@@ -723,7 +613,6 @@ def build_datasets(cfg: DataConfig, seed: int) -> tuple[list[Conversation], list
         Training and validation conversations.
     """
     data = load_data(cfg)
-    _log_bad_rows(data)
     log.info("%s: %d training rows, %d validation rows", data.source, len(data.train), len(data.val))
     share = cfg.no_reference_share
     return (build_conversations(data.train, cfg.lang, seed, share),
@@ -790,11 +679,6 @@ def score_outputs(conversations: list[Conversation], outputs: list[str]) -> dict
         ``predicted_total``, ``target_total``, ``abs_error``, ``problems``;
         ``plots``: ``scatter_total`` (predicted vs target totals of valid answers) and ``bar_by_kind``.
     """
-    # Imported here, not at the top: this function was added to the module without touching its header.
-    from gemma_lowmem.evaluation.metrics import agreement
-    from gemma_lowmem.evaluation.rouge import rouge_scores
-    from gemma_lowmem.evaluation.rubric import MAX_TOTAL, parse_rubric
-
     if len(conversations) != len(outputs):
         raise ValueError(f"{len(conversations)} conversations but {len(outputs)} outputs; they must pair up")
     if not conversations:

@@ -32,8 +32,8 @@ from gemma_lowmem.config import DataConfig
 from gemma_lowmem.data.conversation import Conversation, Message
 from gemma_lowmem.evaluation.metrics import classification_metrics
 from gemma_lowmem.tasks.sources import BadRow, HubSet, LoadedRows, MissingField, Row, load_rows
-from gemma_lowmem.tasks.student_summaries import cut_at_sentence_end
 from gemma_lowmem.tasks.topic_answers import parse_grade, parse_topic
+from gemma_lowmem.text import cut_at_sentence_end
 
 log = logging.getLogger(__name__)
 

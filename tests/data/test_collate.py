@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from gemma_lowmem.attention import PACKED_SDPA, register
-from gemma_lowmem.data.collate import IGNORE_INDEX, collate
-from tests.tiny import VOCAB, tiny_gemma3, tiny_gemma3n
+from gemma_lowmem.data.collate import IGNORE_INDEX, attention_settings, collate, collate_for
+from tests.tiny import VOCAB, gemma3_config, tiny_gemma3, tiny_gemma3n
 
 DOC_LENGTHS = (13, 21, 10)  # unequal and all longer than the tiny models' sliding window of 8, so the window matters
 
@@ -85,6 +85,25 @@ def test_rejects_bad_rows() -> None:
         collate([[a], [{"input_ids": [1, 2], "labels": [1]}]], pad_id=0, packed=False)
     with pytest.raises(ValueError, match="row 0 holds no example"):
         collate([[]], pad_id=0, packed=True)
+
+
+def test_collate_for_reads_the_model_config() -> None:
+    """Window, layer layout and attention implementation, a multimodal config's nested text_config included."""
+    gemma = tiny_gemma3()
+    assert attention_settings(gemma) == {"sliding_window": 8, "attn_implementation": "sdpa"}
+    gemma.config._attn_implementation = "eager"
+    batch = collate_for(gemma, pad_id=0, packed=True)([make_docs()])
+    expected = collate([make_docs()], pad_id=0, packed=True, sliding_window=8, attn_implementation="eager")
+    assert batch.keys() == expected.keys()
+    for kind in ("full_attention", "sliding_attention"):
+        assert torch.equal(batch["attention_mask"][kind], expected["attention_mask"][kind])
+    full_only = torch.nn.Module()
+    full_only.config = gemma3_config(layer_types=["full_attention"] * 2)  # names a window, has no sliding layer
+    assert attention_settings(full_only)["sliding_window"] is None
+    nested = torch.nn.Module()
+    nested.config = type("MultimodalConfig", (), {"text_config": gemma3_config(), "_attn_implementation": None})()
+    assert attention_settings(nested) == {"sliding_window": 8, "attn_implementation": "sdpa"}
+    assert attention_settings(torch.nn.Module()) == {"sliding_window": None, "attn_implementation": "sdpa"}
 
 
 # ---- packed == one by one on tiny Gemma models --------------------------------------------------------------------

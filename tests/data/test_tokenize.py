@@ -9,7 +9,6 @@ from gemma_lowmem.data.tokenize import (
     encode_messages,
     fold_system,
     render,
-    shorten_at_sentence,
 )
 from tests.tiny import tiny_tokenizer
 
@@ -71,13 +70,6 @@ def test_roles_must_alternate():
     with pytest.raises(ValueError, match="alternate"):
         render(tiny_tokenizer(), [MESSAGES[1], MESSAGES[1], MESSAGES[2]], add_generation_prompt=False)
 
-
-def test_shorten_at_sentence_end():
-    text = "One two. Three four five. Six."
-    assert shorten_at_sentence(text, 100) == text
-    assert shorten_at_sentence(text, 20) == "One two."
-    assert shorten_at_sentence("한 문장입니다. 두 번째 문장입니다.", 12) == "한 문장입니다."
-    assert shorten_at_sentence("nosentenceendhere", 5) == "nosen"
 
 
 def _conversation(article: str, answer: str = "Score: 50/100") -> Conversation:

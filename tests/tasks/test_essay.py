@@ -597,6 +597,7 @@ def test_real_cnn_articles_give_grounded_template_essays():
 
 
 def test_tiny_model_trains_on_scoring_and_writing_conversations(tmp_path):
+    from gemma_lowmem.data.collate import collate_for
     from gemma_lowmem.data.tokenize import encode_conversations
     from gemma_lowmem.model import add_lora
     from gemma_lowmem.train import fit
@@ -610,7 +611,7 @@ def test_tiny_model_trains_on_scoring_and_writing_conversations(tmp_path):
     assert len(encoded.examples) == 4 and encoded.n_dropped == 0
     model = add_lora(tiny_gemma3(max_position_embeddings=2200), LoraConfig(r=4, alpha=8, dropout=0.0), False)
     cfg = TrainConfig(max_steps=5, eval_every=0, save_every=0, packing=False, batch_size=1, grad_accum=1)
-    result = fit(model, encoded.examples, [], cfg, run_dir=tmp_path, pad_id=tokenizer.pad_token_id,
-                 show_progress=False)
+    collate_fn = collate_for(model, pad_id=tokenizer.pad_token_id, packed=cfg.packing)
+    result = fit(model, encoded.examples, [], cfg, run_dir=tmp_path, collate_fn=collate_fn, show_progress=False)
     assert result.steps == 5 and result.final_loss is not None and math.isfinite(result.final_loss)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()

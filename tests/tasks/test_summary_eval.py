@@ -13,14 +13,8 @@ import pytest
 from gemma_lowmem.config import DataConfig
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.evaluation.rubric import CRITERIA, parse_rubric
-from gemma_lowmem.tasks import summary_eval
-from gemma_lowmem.tasks.student_summaries import (
-    KINDS,
-    clean_reference,
-    cut_at_sentence_end,
-    make_student_summary,
-    split_sentences,
-)
+from gemma_lowmem.tasks import sources, summary_eval
+from gemma_lowmem.tasks.student_summaries import KINDS, clean_reference, make_student_summary
 from gemma_lowmem.tasks.summary_eval import (
     assign_kinds,
     build_conversation,
@@ -28,9 +22,9 @@ from gemma_lowmem.tasks.summary_eval import (
     build_datasets,
     evaluation_prompt,
     load_data,
-    load_records,
     summary_statistics,
 )
+from gemma_lowmem.text import cut_at_sentence_end, split_sentences
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 CNN_VAL = SHARED / "cnn_dailymail" / "validation_first1000.jsonl"
@@ -292,12 +286,9 @@ def test_summary_statistics():
     assert set(stats["scores"]) == {*CRITERIA, "total"}
 
 
-def test_sentence_splitting_and_cleaning():
-    assert split_sentences("Mr. Smith met U.S. officials. He left! 결과가 나왔다.다음 문장이다") == [
-        "Mr. Smith met U.S. officials.", "He left!", "결과가 나왔다.", "다음 문장이다"]
+def test_reference_cleaning():
+    # Sentence splitting and cutting themselves: tests/test_text.py.
     assert clean_reference("First point .\nSecond \"quoted\"\n") == "First point.\nSecond \"quoted\"."
-    text = "One sentence here. Two sentence here. Three."
-    assert cut_at_sentence_end(text, 40) == "One sentence here. Two sentence here."
 
 
 # -------------------------------------------------------------------------------------------------------- loading
@@ -311,11 +302,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 def test_missing_highlights_names_file_line_and_field(tmp_path):
     path = _write_jsonl(tmp_path / "train.jsonl", [ENGLISH[0], {"id": "x", "article": "Text."}, ENGLISH[1]])
     with pytest.raises(UserError, match=r"train\.jsonl: line 2: missing field 'highlights'"):
-        load_records(DataConfig(train_file=str(path)))
+        load_data(DataConfig(train_file=str(path)))
     csv_path = tmp_path / "train.csv"
     csv_path.write_text('id,article\n1,"Some text."\n', encoding="utf-8")
     with pytest.raises(UserError, match=r"train\.csv: row 2: missing field 'highlights'"):
-        load_records(DataConfig(data=str(csv_path)))
+        load_data(DataConfig(data=str(csv_path)))
 
 
 def test_skip_bad_rows_skips_and_counts(tmp_path):
@@ -335,7 +326,8 @@ def test_local_files_limits_and_cleaning(tmp_path):
     val = _write_jsonl(tmp_path / "val.jsonl", [_english_record(i) | {"id": f"v{i}"} for i in range(8)])
     cfg = DataConfig(train_file=str(train), val_file=str(val), max_train_samples=5, max_val_samples=3,
                      max_article_length=300)
-    train_rows, val_rows = load_records(cfg)
+    data = load_data(cfg)
+    train_rows, val_rows = data.train, data.val
     assert [r["id"] for r in train_rows] == [f"t{i}" for i in range(5)]
     assert [r["id"] for r in val_rows] == ["v0", "v1", "v2"]
     for row in train_rows:
@@ -369,8 +361,9 @@ def test_hub_splits_are_sliced(monkeypatch):
         calls.append((name, config, split))
         return [ENGLISH[i] | {"id": f"{split}-{i}"} for i in range(4)]
 
-    monkeypatch.setattr(summary_eval, "load_hub_records", fake_hub)
-    train, val = load_records(DataConfig(max_train_samples=3, max_val_samples=2))
+    monkeypatch.setattr(sources, "load_hub_records", fake_hub)
+    data = load_data(DataConfig(max_train_samples=3, max_val_samples=2))
+    train, val = data.train, data.val
     assert calls == [("abisee/cnn_dailymail", "3.0.0", "train[:3]"), ("abisee/cnn_dailymail", "3.0.0",
                                                                        "validation[:2]")]
     assert len(train) == 3 and len(val) == 2
