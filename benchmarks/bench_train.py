@@ -53,7 +53,7 @@ from gemma_lowmem.device import bf16_supported, default_device, resolve_precisio
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.loss import sft_loss
 from gemma_lowmem.memory import PeakMemory
-from gemma_lowmem.train import evaluate_loss, fit
+from gemma_lowmem.train import fit, validation_loss
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SHARED_DATA = SHARED / "cnn_dailymail" / "validation_first1000.jsonl"
@@ -287,7 +287,7 @@ def split_examples(settings: Settings, train: list[dict], val: list[dict]) -> tu
 def held_out_loss(model: torch.nn.Module, examples: list[dict], pad_id: int, device: torch.device) -> float:
     """Mean loss per loss token on ``examples``, one conversation per batch, computed alike for every variant."""
     batches = [collate([[ex]], pad_id=pad_id, packed=False) for ex in examples]
-    return evaluate_loss(model, batches, partial(sft_loss, chunked=True), resolve_precision(device), device)
+    return validation_loss(model, batches, partial(sft_loss, chunked=True), resolve_precision(device), device)
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:

@@ -28,11 +28,11 @@ from gemma_lowmem.cli import run_script
 from gemma_lowmem.config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from gemma_lowmem.device import default_device, resolve_precision
 from gemma_lowmem.errors import UserError
-from gemma_lowmem.evaluate import evaluate_model, validation_conversations
+from gemma_lowmem.evaluation.answers import answer_and_score
 from gemma_lowmem.evaluation.guided import MODES
 from gemma_lowmem.model import load_adapter, load_base_model, load_tokenizer, resolve_model_path
 from gemma_lowmem.run import train_from_config
-from gemma_lowmem.tasks import summary_eval
+from gemma_lowmem.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cnn_dailymail" / "validation_first1000.jsonl"
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         results["training"] = {"seconds": time.perf_counter() - start, "steps": fit.steps,
                                "final_loss": fit.final_loss, "best_val_loss": fit.best_val_loss}
         _write_json(out, results)
-    conversations = validation_conversations(summary_eval, cfg)  # the eval file's rows, as training saw them
+    task = get_task("summary_eval")
+    conversations = task.validation_conversations(cfg.data, cfg.train.seed)  # the eval rows, as training saw them
     device = default_device()
     tokenizer = load_tokenizer(resolve_model_path(args.model))
     model = load_adapter(load_base_model(cfg.model, device, cfg.train.precision), adapter)
@@ -141,9 +142,9 @@ def main(argv: list[str] | None = None) -> None:
                 continue  # done in an earlier, cut run
             print(f"grading {len(conversations)} summaries: {system}, {mode}", flush=True)
             with model.disable_adapter() if system == "base" else contextlib.nullcontext():
-                result = evaluate_model(model, tokenizer, conversations, summary_eval,
-                                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                        system_role=cfg.model.system_role, mode=mode, autocast=autocast)
+                result = answer_and_score(model, tokenizer, conversations, task.score_outputs, rubric=task.rubric,
+                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                          system_role=cfg.model.system_role, mode=mode, autocast=autocast)
             systems.setdefault(system, {})[mode] = _summary(result)
             _write_json(out, results)
             part = systems[system][mode]

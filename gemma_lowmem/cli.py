@@ -8,13 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import MISSING, fields
 from typing import Any
 
-from gemma_lowmem.config import SECTIONS, RunConfig, read_config_file
+from gemma_lowmem.config import SECTIONS, RunConfig, field_type, read_config_file
 from gemma_lowmem.errors import UserError
 
 # The seed's experiment grid, plus the settings of the embedded demo (fits 15 minutes on 2 CPU cores).
@@ -32,19 +30,11 @@ DEMO: dict[str, dict[str, Any]] = {
 }
 
 
+FLAG_PREFIXES = {"lora": "lora-", "preference": "dpo-"}  # their fields (r, alpha, beta, loss) would be ambiguous alone
+
+
 def flag_name(section: str, name: str) -> str:
-    # LoRA fields (r, alpha, dropout) would be ambiguous alone: they get a prefix.
-    return f"--{'lora-' if section == 'lora' else ''}{name.replace('_', '-')}"
-
-
-def _base_type(annotation: Any) -> Any:
-    """``int | None`` -> (int, True); ``list[str]`` -> (list, False)."""
-    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation  # noqa: S307 (own code)
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        inner = [a for a in args if a is not type(None)]
-        return inner[0], True
-    return typing.get_origin(hint) or hint, False
+    return f"--{FLAG_PREFIXES.get(section, '')}{name.replace('_', '-')}"
 
 
 def _parser_for(base: type, optional: bool, flag: str) -> Callable[[str], Any]:
@@ -95,7 +85,7 @@ def build_parser(description: str, extra: Callable[[argparse.ArgumentParser], No
             default = f.default if f.default is not MISSING else f.default_factory()
             kw: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
                                   "help": f"{f.metadata['help']} (default: {default})"}
-            base, optional = _base_type(f.type)
+            base, optional = field_type(f.type)
             if base is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             elif base is list:

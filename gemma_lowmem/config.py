@@ -7,6 +7,8 @@ configuration is saved as JSON with every run and checkpoint.
 from __future__ import annotations
 
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,13 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise UserError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+def _check_choices(section: Any) -> None:
+    """Each field of ``section`` whose metadata lists ``choices`` holds one of them (the one list flags use too)."""
+    for f in fields(section):
+        choices = f.metadata.get("choices")
+        value = getattr(section, f.name)
+        if choices is not None and value not in choices:
+            raise UserError(f"{f.name}={value!r} is not one of {', '.join(map(str, choices))}")
 
 
 def _check_positive(name: str, value: float | int | None, allow_none: bool = False) -> None:
@@ -67,8 +73,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_choice("quant", self.quant, ("int8", "nf4", "none"))
-        _check_choice("dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
+        _check_choices(self)
 
 
 @dataclass
@@ -125,7 +130,7 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_choice("lang", self.lang, ("ko", "en"))
+        _check_choices(self)
         _check_positive("max_train_samples", self.max_train_samples, allow_none=True)
         _check_positive("max_val_samples", self.max_val_samples, allow_none=True)
         _check_positive("max_seq_length", self.max_seq_length)
@@ -169,9 +174,6 @@ class TrainConfig:
     packing: bool = _f(True, "pack conversations into full rows (attention never crosses a conversation)")
     pack_len: int | None = _f(None, "tokens per packed row (none: the data's max_seq_length)")
     bucketing: bool = _f(True, "without packing: batch conversations of similar length (less padding)")
-    dpo_beta: float = _f(0.1, "preference task: DPO/IPO beta, how strongly the policy is held to the reference")
-    dpo_loss: str = _f("sigmoid", "preference task: sigmoid (DPO) or ipo", choices=("sigmoid", "ipo"))
-    dpo_label_smoothing: float = _f(0.0, "preference task: conservative DPO, chance a pair's labels are flipped")
     max_bad_steps: int = _f(5, "stop after this many optimizer steps in a row with a non-finite loss or gradient")
     eval_every: int = _f(50, "validation loss every N optimizer steps (0: only at the end)")
     early_stopping_patience: int | None = _f(None, "stop after N validations without improvement (none: off)")
@@ -188,18 +190,28 @@ class TrainConfig:
         _check_positive("batch_size", self.batch_size)
         _check_positive("grad_accum", self.grad_accum)
         _check_positive("lr", self.lr)
-        _check_choice("scheduler", self.scheduler, ("cosine", "linear", "constant"))
-        _check_choice("precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        _check_choices(self)
         if not 0 <= self.warmup_ratio < 1:
             raise UserError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
         _check_positive("loss_chunk_size", self.loss_chunk_size, allow_none=True)
         _check_positive("keep_checkpoints", self.keep_checkpoints)
         _check_positive("pack_len", self.pack_len, allow_none=True)
         _check_positive("max_bad_steps", self.max_bad_steps)
-        _check_positive("dpo_beta", self.dpo_beta)
-        _check_choice("dpo_loss", self.dpo_loss, ("sigmoid", "ipo"))
-        if not 0 <= self.dpo_label_smoothing < 0.5:
-            raise UserError(f"dpo_label_smoothing={self.dpo_label_smoothing!r} must be in [0, 0.5)")
+
+
+@dataclass
+class PreferenceConfig:
+    """The objective of the preference task: DPO or IPO against the frozen base as the reference."""
+
+    beta: float = _f(0.1, "DPO/IPO beta, how strongly the policy is held to the reference")
+    loss: str = _f("sigmoid", "sigmoid (DPO) or ipo", choices=("sigmoid", "ipo"))
+    label_smoothing: float = _f(0.0, "conservative DPO: the chance that a pair's labels are flipped")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        _check_positive("preference.beta", self.beta)
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError(f"preference.label_smoothing={self.label_smoothing!r} must be in [0, 0.5)")
 
 
 @dataclass
@@ -216,7 +228,7 @@ class EvalConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_choice("mode", self.mode, ("guided", "scores", "free"))
+        _check_choices(self)
         _check_positive("max_new_tokens", self.max_new_tokens)
         _check_positive("gen_batch_size", self.gen_batch_size)
         if self.report_examples < 0:
@@ -231,6 +243,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -281,20 +294,29 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 SECTIONS: dict[str, type] = {
-    "model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
+    "model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig,
+    "preference": PreferenceConfig, "eval": EvalConfig,
 }
 
 
-_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+def field_type(annotation: Any) -> tuple[type, bool]:
+    """A config field's annotation as (base type, whether None is allowed).
+
+    ``int | None`` -> ``(int, True)``; ``list[str]`` -> ``(list, False)``. Annotations are strings here (postponed
+    evaluation), read against the names of ``typing``.
+    """
+    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation  # noqa: S307 (own code)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return inner[0], True
+    return typing.get_origin(hint) or hint, False
 
 
-def _check_type(where: str, value: Any, annotation: str) -> None:
+def _check_type(where: str, value: Any, annotation: Any) -> None:
     """Check a config value against its field annotation (``int``, ``float | None``, ``list[str]``...)."""
-    kinds = [k.strip() for k in str(annotation).split("|")]
-    if value is None and "None" in kinds:
+    base, optional = field_type(annotation)
+    if value is None and optional:
         return
-    base = kinds[0]
-    expected = {"list": (list,), "dict": (dict,)}.get(base.split("[")[0]) or _TYPES.get(base, (object,))
-    ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)
-    if not ok:
-        raise UserError(f"{where}={value!r} has the wrong type: expected {base}")
+    expected = (int, float) if base is float else (base,)
+    if not isinstance(value, expected) or (isinstance(value, bool) and base is not bool):
+        raise UserError(f"{where}={value!r} has the wrong type: expected {base.__name__}")

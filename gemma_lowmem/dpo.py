@@ -6,7 +6,7 @@ relative to a frozen reference. Three choices keep it inside the SFT budget:
 - **No second model.** The reference is the same base with the adapter switched off (``model.disable_adapter()``).
   Its sequence log-probabilities are computed once per pair, without gradients, before training
   (:func:`reference_logps`), and cached on disk (:func:`cached_reference_logps`); a training step runs the policy
-  only.
+  only. :func:`dpo_objective` does it all for a run: the pairs with their reference, the loss and the collation.
 - **One forward per pair.** An example is one row holding ``[prompt + chosen]`` and ``[prompt + rejected]`` as two
   documents (:func:`pair_example`); :func:`collate_pairs` gives them block-diagonal masks and restarting positions
   (the packed collation), so neither sees the other, and several pairs may share a row when packing.
@@ -36,8 +36,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from gemma_lowmem.config import RunConfig
 from gemma_lowmem.data.collate import IGNORE_INDEX, attention_settings, collate, to_device
-from gemma_lowmem.loss import token_losses
+from gemma_lowmem.device import resolve_precision
+from gemma_lowmem.errors import UserError
+from gemma_lowmem.loss import lm_parts, token_losses
+from gemma_lowmem.model import CACHE
 
 LOSS_KINDS = ("sigmoid", "ipo")
 REDUCTIONS = ("sum", "mean", "none")
@@ -432,3 +436,51 @@ def make_dpo_loss(
     _check_loss_args(beta, kind, label_smoothing, "sum")
     return partial(dpo_step, beta=beta, kind=kind, label_smoothing=label_smoothing, chunked=chunked,
                    chunk_size=chunk_size)
+
+
+# --------------------------------------------------------------------------------------------------- for a run
+
+
+def dpo_objective(
+    cfg: RunConfig, model: torch.nn.Module, pad_id: int, train: list[dict[str, Any]], val: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Callable[..., dict[str, Any]], Callable[..., Any]]:
+    """What ``fit`` needs to train pair examples with the preference objective of ``cfg.preference``.
+
+    The reference log-probabilities (the base, adapter off) are computed once under the run's precision and
+    cached under ``cfg.data.cache_dir/reference`` (default ``~/.cache/gemma_lowmem/reference``), keyed by the
+    pairs' tokens and what else changes the numbers: model, storage, precision, and a sample of the head's
+    weights (a model re-converted under the same name must not reuse the cache).
+
+    Args:
+        cfg: the run's config (``preference``, ``train.precision``, the chunked-loss settings, the cache folder).
+        model: the policy (base + LoRA).
+        pad_id: the tokenizer's pad token id.
+        train, val: pair examples (:func:`pair_example`).
+
+    Returns:
+        (training examples, validation examples) carrying ``ref_logps``, the collation and the loss.
+
+    Raises:
+        UserError: a preference setting the loss refuses (e.g. label smoothing with ``ipo``).
+    """
+    pref, train_cfg = cfg.preference, cfg.train
+    try:
+        loss_fn = make_dpo_loss(pref.beta, pref.loss, pref.label_smoothing, chunked=train_cfg.chunked_loss,
+                                chunk_size=train_cfg.loss_chunk_size)
+    except ValueError as err:
+        raise UserError(f"preference settings (--dpo-beta, --dpo-loss, --dpo-label-smoothing): {err}") from None
+    collate_fn = pair_collate_fn(model, pad_id)
+    precision = resolve_precision(next(model.parameters()).device, train_cfg.precision)
+    settings = {
+        "model": cfg.model.model, "quant": cfg.model.quant, "dtype": cfg.model.dtype,
+        "attn": cfg.model.attn_implementation, "precision": str(precision.dtype), "adapter": "disabled",
+        "chunked": train_cfg.chunked_loss, "head_sample": float(lm_parts(model).head.weight[:8].float().sum()),
+    }
+    cache = Path(cfg.data.cache_dir) / "reference" if cfg.data.cache_dir else CACHE / "reference"
+    logps, cached = cached_reference_logps(
+        model, train + val, collate_fn, cache_dir=cache, settings=settings, batch_size=train_cfg.batch_size,
+        autocast=precision.autocast, chunked=train_cfg.chunked_loss, chunk_size=train_cfg.loss_chunk_size,
+    )
+    print(f"reference log-probs of {len(train) + len(val)} pairs " + ("read from the cache" if cached else "computed"))
+    n = len(train)
+    return with_reference(train, logps[:n]), with_reference(val, logps[n:]), collate_fn, loss_fn

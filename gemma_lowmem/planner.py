@@ -89,17 +89,9 @@ RECOMPUTE_INTERMEDIATE = 15.8  # ... per unit of MLP width
 LAYER_FULL_FACTOR = 0.82  # without checkpointing each layer keeps this fraction of one layer's recompute
 LOSS_CHUNK_BYTES_PER_LOGIT = 8.24  # bytes per (chunk token x vocab) alive in the chunked loss's backward
 LOSS_CHUNK_CHOICES = (None, 128, 64, 32, 16)  # None: the loss's default (~256 MiB of fp32 logits)
-# Sequences through the policy per data row: preference pairs run chosen and rejected (the reference model's
-# pass is without grad and keeps no activations).
-TASK_FACTORS = {"preference": 2.0}
 EMBEDDINGS = ("float", "int8", "disk")
 # The settings the planner chooses (unless the user gave them).
 PLANNED = ("batch_size", "grad_accum", "gradient_checkpointing", "loss_chunk_size")
-
-
-def task_factor(task: str) -> float:
-    """Activation multiplier of a task for :func:`plan_memory`: 2.0 for preference pairs, else 1.0."""
-    return TASK_FACTORS.get(task, 1.0)
 
 
 @dataclass(frozen=True)
@@ -571,7 +563,8 @@ def embeddings_mode(model: ModelConfig, device_type: str = "cpu") -> str:
     return "disk" if model.embeddings_on_disk or off_device else "int8"
 
 
-def plan_run(cfg: RunConfig, model_config: Any, device: torch.device, keep: Collection[str] = ()) -> MemoryPlan:
+def plan_run(cfg: RunConfig, model_config: Any, device: torch.device, keep: Collection[str] = (),
+             activation_factor: float = 1.0) -> MemoryPlan:
     """The memory plan of a training run: ``cfg.train.max_mem`` for rows of ``pack_len`` (or ``max_seq_length``)
     tokens and the config's global batch (``batch_size * grad_accum`` rows).
 
@@ -581,6 +574,7 @@ def plan_run(cfg: RunConfig, model_config: Any, device: torch.device, keep: Coll
         device: where the run trains (picks the weights' and activations' dtypes as the run will).
         keep: names among :data:`PLANNED` whose config values the plan must keep (the ones the user gave);
             ``batch_size`` and ``grad_accum`` are kept together.
+        activation_factor: the task's sequences through the policy per row (``Task.activation_factor``).
 
     Returns:
         The :class:`MemoryPlan` (``plan.apply(cfg)`` gives the config to train with).
@@ -609,7 +603,7 @@ def plan_run(cfg: RunConfig, model_config: Any, device: torch.device, keep: Coll
     plan = plan_memory(
         model_config, budget=train.max_mem, quant=cfg.model.quant, dtype_bytes=weights.itemsize, lora_r=cfg.lora.r,
         lora_targets=cfg.lora.target_modules, max_seq_length=seq, global_batch_tokens=train.batch_size
-        * train.grad_accum * seq, device_type=device.type, task_factor=task_factor(cfg.data.task),
+        * train.grad_accum * seq, device_type=device.type, task_factor=activation_factor,
         act_bytes=torch.finfo(autocast).bits // 8 if autocast else 4, packed=train.packing, fixed=fixed, shape=shape,
     )
     if load > plan.budget:  # after the step's plan: a budget below the weights says so first

@@ -25,7 +25,7 @@ from gemma_lowmem.data.tokenize import EncodedSet, encode_conversations
 from gemma_lowmem.device import default_device, resolve_precision
 from gemma_lowmem.distributed import current_ranks, init_distributed
 from gemma_lowmem.errors import UserError
-from gemma_lowmem.evaluate import evaluate_model, evaluate_systems
+from gemma_lowmem.evaluation.answers import answer_and_score, compare_systems
 from gemma_lowmem.evaluation.report import write_report
 from gemma_lowmem.memory import GLIBC_RETAINED_FACTOR, enforce_cap, parse_size, return_freed_memory_to_os
 from gemma_lowmem.model import (
@@ -64,10 +64,12 @@ def choose_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def plan_budget(model_path: str, cfg: RunConfig, device: torch.device, keep: Collection[str]) -> RunConfig:
+def plan_budget(model_path: str, cfg: RunConfig, device: torch.device, keep: Collection[str],
+                activation_factor: float = 1.0) -> RunConfig:
     """Fit the run into ``--max-mem``: the config with the planner's micro-batch, accumulation, checkpointing and
-    loss chunk (settings in ``keep`` stay as given); prints the plan. Stops before loading if the load cannot fit."""
-    plan = plan_run(cfg, load_model_config(model_path), device, keep)
+    loss chunk (settings in ``keep`` stay as given); prints the plan. Stops before loading if the load cannot fit.
+    ``activation_factor``: the task's (:class:`~gemma_lowmem.tasks.Task`)."""
+    plan = plan_run(cfg, load_model_config(model_path), device, keep, activation_factor)
     planned = plan.apply(cfg)
     changed = [f"{name} {getattr(cfg.train, name)} -> {getattr(planned.train, name)}" for name in PLANNED
                if getattr(cfg.train, name) != getattr(planned.train, name)]
@@ -120,10 +122,11 @@ def setup(cfg: RunConfig, keep: Collection[str] = ()) -> Prepared:
     if cfg.train.resume:
         find_checkpoint(cfg.train.resume)  # fail now, not after the model has loaded
     task = get_task(cfg.data.task)
-    cfg = plan_budget(model_path, cfg, device, keep)  # reads the model config: an offline hub id fails here
-    prepare = getattr(task, "prepare_training", None)
+    # reads the model config: an offline hub id fails here
+    cfg = plan_budget(model_path, cfg, device, keep, task.activation_factor)
     # Read SFT data before the (slow) model load, so bad rows fail fast.
-    conversations = None if prepare else task.build_datasets(cfg.data, cfg.train.seed)
+    sft = task.prepare_training is None
+    train_convs, val_convs = task.build_datasets(cfg.data, cfg.train.seed) if sft else ([], [])
     print(f"model {cfg.model.model} -> {model_path}")
     tokenizer = load_tokenizer(model_path)
     base = load_base_model(cfg.model, device, cfg.train.precision)
@@ -134,17 +137,16 @@ def setup(cfg: RunConfig, keep: Collection[str] = ()) -> Prepared:
     trainable, total = count_parameters(model)
     print(f"LoRA: {trainable:,} trainable parameters ({100 * trainable / max(total, 1):.2f}% of {total:,} stored)")
     with ranks.main_first():  # rank 0 fills the token and reference log-prob caches; the others read them
-        training = prepare(cfg, tokenizer, model) if prepare else None
-        if training is None:
-            train_convs, val_convs = conversations or task.build_datasets(cfg.data, cfg.train.seed)
+        if sft:
             train = encode(cfg, tokenizer, train_convs, "tokenizing train")
             val = encode(cfg, tokenizer, val_convs, "tokenizing val")
-    if training is not None:
+        else:
+            training = task.prepare_training(cfg, tokenizer, model)
+    if not sft:
         return Prepared(model, tokenizer, training, run_dir, cfg)
-    return Prepared(
-        model, tokenizer, TaskTraining(train.examples, val.examples), run_dir, cfg,
-        [train_convs[i] for i in train.kept], [val_convs[i] for i in val.kept],
-    )
+    collate_fn = collate_for(model, pad_id=tokenizer.pad_token_id, packed=cfg.train.packing)
+    return Prepared(model, tokenizer, TaskTraining(train.examples, val.examples, collate_fn), run_dir, cfg,
+                    [train_convs[i] for i in train.kept], [val_convs[i] for i in val.kept])
 
 
 def train_from_config(cfg: RunConfig, keep: Collection[str] = ()) -> tuple[Prepared, FitResult]:
@@ -159,36 +161,35 @@ def train_from_config(cfg: RunConfig, keep: Collection[str] = ()) -> tuple[Prepa
     # Packed rows are as long as the longest allowed conversation unless set otherwise.
     train_cfg = replace(cfg.train, pack_len=cfg.train.pack_len or cfg.data.max_seq_length)
     training = prepared.training
-    collate_fn = training.collate_fn or collate_for(
-        prepared.model, pad_id=prepared.tokenizer.pad_token_id, packed=train_cfg.packing
-    )
     result = fit(
-        prepared.model, training.train, training.val, train_cfg, run_dir=prepared.run_dir, collate_fn=collate_fn,
-        run_config=cfg.to_dict(), loss_fn=training.loss_fn,
+        prepared.model, training.train, training.val, train_cfg, run_dir=prepared.run_dir,
+        collate_fn=training.collate_fn, run_config=cfg.to_dict(), loss_fn=training.loss_fn,
     )
     if cfg.train.push_to_hub and main and result.stopped != "signal":
         push_adapter(prepared.model, cfg.train.push_to_hub)
     return prepared, result
 
 
-def evaluate_after_training(cfg: RunConfig, prepared: Prepared) -> Path | None:
+def report_after_training(cfg: RunConfig, prepared: Prepared) -> Path | None:
     """Answer the validation conversations with the base model (adapter off) and the trained adapter, score them
     with the task's metrics and write ``eval/report.md``; None when the task has no generation metrics or there
     is no validation data. A rubric task answers in ``eval.mode`` (guided by default: every answer valid, each
-    score with its expected value), under training's autocast."""
+    score with its expected value), under training's autocast, with the int8 layers' float copies kept within
+    ``--max-mem`` while decoding."""
     task = get_task(cfg.data.task)
-    if not (hasattr(task, "score_outputs") and prepared.val_conversations):
+    if task.score_outputs is None or not prepared.val_conversations:
         return None
     autocast = resolve_precision(next(prepared.model.parameters()).device, cfg.train.precision).autocast
 
-    def evaluate(model: torch.nn.Module) -> dict[str, Any]:
-        return evaluate_model(
-            model, prepared.tokenizer, prepared.val_conversations, task, max_new_tokens=cfg.eval.max_new_tokens,
-            batch_size=cfg.eval.gen_batch_size, system_role=cfg.model.system_role, examples=cfg.eval.report_examples,
-            mode=cfg.eval.mode, autocast=autocast,
+    def answer(model: torch.nn.Module) -> dict[str, Any]:
+        return answer_and_score(
+            model, prepared.tokenizer, prepared.val_conversations, task.score_outputs, rubric=task.rubric,
+            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.gen_batch_size,
+            system_role=cfg.model.system_role, examples=cfg.eval.report_examples, mode=cfg.eval.mode,
+            autocast=autocast, memory_budget=parse_size(cfg.train.max_mem),
         )
 
-    systems = evaluate_systems(prepared.model, True, evaluate)
+    systems = compare_systems(prepared.model, True, answer)
     report = {"settings": {"task": cfg.data.task, "model": cfg.model.model, "eval": asdict(cfg.eval)},
               "systems": systems}
     _, md_path = write_report(report, prepared.run_dir / "eval", f"Evaluation after training: {cfg.data.task}")

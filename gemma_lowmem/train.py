@@ -218,7 +218,7 @@ def backward_window(
 
 
 @torch.no_grad()
-def evaluate_loss(
+def validation_loss(
     model: torch.nn.Module,
     batches: list[dict[str, Any]],
     loss_fn: LossFn,
@@ -325,19 +325,19 @@ def validate(
     final: bool = False,
     ranks: Ranks = SINGLE,
 ) -> float:
-    """:func:`evaluate_loss`, keeping the best: a new best goes into ``state.best_val`` and ``best_dir`` (rank 0).
+    """:func:`validation_loss`, keeping the best: a new best goes into ``state.best_val`` and ``best_dir`` (rank 0).
 
     Args:
         state: the loop's state; ``best_val`` and ``bad_evals`` (validations in a row without a new best) change.
         best_dir: where the best adapter is saved, with ``run_config``.
         final: the validation after the last step: it leaves ``bad_evals`` as it was, so early stopping after a
             ``--resume`` counts only the validations every ``eval_every`` steps.
-        Others: as in :func:`evaluate_loss`.
+        Others: as in :func:`validation_loss`.
 
     Returns:
         The validation loss.
     """
-    val_loss = evaluate_loss(model, batches, loss_fn, precision, device, ranks=ranks)
+    val_loss = validation_loss(model, batches, loss_fn, precision, device, ranks=ranks)
     improved = state.best_val is None or val_loss < state.best_val
     if improved:
         state.best_val = val_loss

@@ -22,7 +22,8 @@ from gemma_lowmem.config import LoraConfig
 from gemma_lowmem.device import DTYPES, default_device, resolve_precision, weight_dtype
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.memory import GiB, parse_size
-from gemma_lowmem.planner import EMBEDDINGS, describe_model, load_model_config, plan_memory, task_factor
+from gemma_lowmem.planner import EMBEDDINGS, describe_model, load_model_config, plan_memory
+from gemma_lowmem.tasks import get_task
 
 
 def _dtypes(device: str, dtype: str, precision: str) -> tuple[torch.dtype, torch.dtype]:
@@ -52,7 +53,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="frozen non-quantized weights")
     parser.add_argument("--precision", default="auto", choices=("auto", *DTYPES), help="autocast of activations")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--task", default="summary_eval", help="task: preference pairs count twice")
+    parser.add_argument("--task", default="summary_eval", help="task (preference pairs count twice)")
     parser.add_argument("--lora-r", type=int, default=LoraConfig().r)
     parser.add_argument("--lora-target-modules", nargs="+", default=LoraConfig().target_modules)
     parser.add_argument("--embeddings", default="int8", choices=EMBEDDINGS,
@@ -79,7 +80,7 @@ def main() -> None:
     plan = plan_memory(
         model_config, budget=args.max_mem, max_seq_length=args.max_seq_length,
         global_batch_tokens=args.global_batch_tokens or 8 * args.max_seq_length, device_type=device_type,
-        task_factor=task_factor(args.task), act_bytes=act_bytes, shape=shape, **kw,
+        task_factor=get_task(args.task).activation_factor, act_bytes=act_bytes, shape=shape, **kw,
     )
     print(plan.table())
 

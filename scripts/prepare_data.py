@@ -32,7 +32,7 @@ def main() -> None:
     task = get_task(cfg.data.task)
     train, val = task.build_datasets(cfg.data, cfg.train.seed)
     print(f"conversations: {len(train)} train, {len(val)} val")
-    if hasattr(task, "summary_statistics"):
+    if task.summary_statistics is not None:
         print(json.dumps(task.summary_statistics(train), indent=2, ensure_ascii=False))
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.model))
     encoded = encode(cfg, tokenizer, train, "tokenizing train")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gemma_lowmem.cli import build_parser, config_from_args, given_settings, run_script
 from gemma_lowmem.distributed import close_distributed, current_ranks
-from gemma_lowmem.run import evaluate_after_training, train_from_config
+from gemma_lowmem.run import report_after_training, train_from_config
 
 STOPPED = {
     "max_steps": "finished",
@@ -79,7 +79,7 @@ def main() -> None:
         )
         # A stopped run is resumed, not evaluated: generation would take as long as the user just cut short.
         evaluate = cfg.eval.evaluate and result.stopped != "signal"
-        report = evaluate_after_training(cfg, prepared) if evaluate else None
+        report = report_after_training(cfg, prepared) if evaluate else None
         print(where_things_are(prepared.run_dir, result.stopped, report, cfg.eval.evaluate, ranks.world_size))
     close_distributed()
 

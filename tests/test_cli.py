@@ -264,7 +264,7 @@ def test_an_early_stopped_run_prints_where_things_are(tiny_model_dir, small_data
     from gemma_lowmem import train
 
     losses = iter(range(1, 100))  # validation loss that only rises: patience 1 stops at the second validation
-    monkeypatch.setattr(train, "evaluate_loss", lambda *args, **kwargs: float(next(losses)))
+    monkeypatch.setattr(train, "validation_loss", lambda *args, **kwargs: float(next(losses)))
     run = tmp_path / "run"
     out = train_to_the_end(run_flags(tiny_model_dir, small_data, run, "--max-steps", "10",
                                      "--early-stopping-patience", "1"), capsys, monkeypatch)

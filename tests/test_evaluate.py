@@ -3,7 +3,6 @@
 import json
 import runpy
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -13,23 +12,14 @@ from gemma_lowmem.cli import build_parser
 from gemma_lowmem.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, RunConfig
 from gemma_lowmem.data.conversation import Conversation
 from gemma_lowmem.errors import UserError
-from gemma_lowmem.evaluate import (
-    config_for_eval,
-    evaluate_model,
-    evaluate_systems,
-    limit_documents,
-    prompt_excerpt,
-    validation_conversations,
-)
-from gemma_lowmem.evaluation.generate import generate_texts
-from gemma_lowmem.evaluation.human import Judgment
 from gemma_lowmem.evaluation.rouge import rouge_pair
 from gemma_lowmem.evaluation.rubric import CRITERIA, parse_rubric, render_rubric
 from gemma_lowmem.model import add_lora
-from gemma_lowmem.tasks import sources, summary_eval
+from gemma_lowmem.tasks import get_task, sources, summary_eval
 from tests.tiny import tiny_gemma3, tiny_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
+config_for_eval = runpy.run_path(str(SCRIPT))["config_for_eval"]  # the script's merge of run config and flags
 
 
 def _record(i: int) -> dict:
@@ -107,47 +97,6 @@ def test_off_by_some_points(conversations):
         summary_eval.score_outputs(conversations, outputs[:3])
 
 
-# ---------------------------------------------------------------------------------------------------- evaluate_model
-
-
-def _echo_task():
-    def score_outputs(conversations, outputs):
-        return {"metrics": {"n": len(outputs)}, "rows": [{"ok": False} for _ in outputs], "plots": {}}
-
-    return types.SimpleNamespace(score_outputs=score_outputs)
-
-
-def _short_conversations(n: int) -> list[Conversation]:
-    return [Conversation([{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Say {i}."},
-                          {"role": "assistant", "content": f"{i}"}]) for i in range(n)]
-
-
-def test_evaluate_model_on_task_one(conversations):
-    result = evaluate_model(tiny_gemma3(), tiny_tokenizer(), conversations[:3], summary_eval, max_new_tokens=6,
-                            batch_size=2, system_role=False, show_progress=False, examples=2, mode="free")
-    assert result["n"] == 3 and len(result["outputs"]) == 3 and result["metrics"]["valid_rate"] == 0.0
-    assert [e["index"] for e in result["examples"]] == [0, 1]
-    example = result["examples"][0]
-    assert example["target_text"] == conversations[0].messages[-1]["content"]
-    assert example["prompt_excerpt"].rstrip().endswith("<start_of_turn>model")  # the generation prompt
-    generation = result["metrics"]["generation"]
-    assert generation["prompts"] == 3 and generation["seconds"] > 0 and generation["prompt_tokens_max"] > 100
-
-
-@pytest.mark.parametrize("mode", ["guided", "scores"])
-def test_evaluate_model_guided_is_always_valid(conversations, mode, monkeypatch):
-    monkeypatch.setattr("gemma_lowmem.evaluation.guided.SLOT_TOKENS", {"comment": 3, "feedback": 4, "suggestions": 4})
-    result = evaluate_model(tiny_gemma3(), tiny_tokenizer(), conversations[:3], summary_eval, max_new_tokens=6,
-                            batch_size=2, system_role=False, show_progress=False, examples=2, mode=mode)
-    metrics = result["metrics"]
-    assert EvalConfig().mode == "guided"  # the default of every rubric task
-    assert metrics["valid_rate"] == 1.0 and metrics["generation"]["mode"] == mode
-    assert metrics["agreement"]["total"]["n_valid"] == 3
-    expected = metrics["expected_agreement"]
-    assert set(expected) == {"total", *CRITERIA} and expected["total"]["n_valid"] == 3
-    assert all(parse_rubric(o).valid for o in result["outputs"])
-
-
 def test_val_file_evaluation_reads_only_that_file(tmp_path, data_file, monkeypatch):
     """Issue 16: an adapter trained on the hub set, evaluated offline on a named validation file."""
     def no_hub(*args, **kwargs):
@@ -160,42 +109,9 @@ def test_val_file_evaluation_reads_only_that_file(tmp_path, data_file, monkeypat
     RunConfig(data=DataConfig(lang="en", max_val_samples=3)).save(adapter / "run_config.json")  # the hub default
     args = build_parser("test").parse_args(["--val-file", str(data_file)])
     cfg = config_for_eval(args, str(adapter))
-    conversations = validation_conversations(summary_eval, cfg)
+    conversations = get_task("summary_eval").validation_conversations(cfg.data, cfg.train.seed)
     assert [c.meta["id"] for c in conversations] == ["r0", "r1", "r2"]  # the file's rows, capped at 3
     assert cfg.data.lang == "en"
-
-
-def test_compare_evaluates_base_through_disabled_adapter():
-    torch.manual_seed(1)
-    adapted = add_lora(tiny_gemma3(), LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
-                       gradient_checkpointing=True)  # as the training run leaves it
-    for name, param in adapted.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=2.0)  # LoRA starts as a no-op; make it change the answers
-    tokenizer, convs = tiny_tokenizer(), _short_conversations(3)
-    systems = evaluate_systems(adapted, True, lambda m: evaluate_model(
-        m, tokenizer, convs, _echo_task(), max_new_tokens=6, batch_size=2, system_role=False, show_progress=False))
-    assert list(systems) == ["base", "adapter"]
-    prompts = [e["prompt_excerpt"] for e in systems["base"]["examples"]]
-    plain = generate_texts(tiny_gemma3(), tokenizer, prompts, max_new_tokens=6, show_progress=False)
-    assert systems["base"]["outputs"] == plain
-    assert systems["adapter"]["outputs"] != plain
-    with pytest.raises(UserError, match="--adapter"):
-        evaluate_systems(tiny_gemma3(), True, lambda m: {})
-
-
-def test_prompt_excerpt_keeps_start_and_end():
-    prompt = "S" * 400 + "M" * 2000 + "E" * 1000
-    excerpt = prompt_excerpt(prompt)
-    assert excerpt.startswith("S" * 300) and excerpt.endswith("E" * 900) and "2,200 characters" in excerpt
-    assert prompt_excerpt("short") == "short"
-
-
-def test_limit_documents_keeps_whole_documents():
-    judgments = [Judgment(doc, f"s{i}", "a", "s", "r", {}, "") for i, doc in enumerate("aaabbbcc")]
-    assert [j.doc_id for j in limit_documents(judgments, 7)] == list("aaabbb")
-    assert [j.doc_id for j in limit_documents(judgments, 2)] == list("aaa")  # at least one document
-    assert len(limit_documents(judgments, None)) == 8
 
 
 # ------------------------------------------------------------------------------------------------------- the script

@@ -76,7 +76,7 @@ def test_cells_call_the_library_api_as_it_is():
                     imported[alias.asname or alias.name] = getattr(module, alias.name)
             elif isinstance(node, ast.Call):
                 calls.append(node)
-    assert {"train_from_config", "evaluate_after_training", "generate_texts", "parse_rubric"} <= set(imported)
+    assert {"train_from_config", "report_after_training", "generate_texts", "parse_rubric"} <= set(imported)
     checked = 0
     for call in calls:
         target = imported.get(call.func.id) if isinstance(call.func, ast.Name) else None

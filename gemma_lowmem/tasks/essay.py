@@ -39,6 +39,7 @@ from gemma_lowmem.config import DataConfig
 from gemma_lowmem.data.conversation import Conversation, Message
 from gemma_lowmem.evaluation.metrics import agreement, quadratic_weighted_kappa
 from gemma_lowmem.evaluation.rubric import parse_rubric, render_rubric
+from gemma_lowmem.tasks import Task
 from gemma_lowmem.tasks.essay_feedback import essay_features, split_total, write_feedback
 from gemma_lowmem.tasks.essay_rubric import CRITERIA_HELP, ESSAY_CRITERIA, ESSAY_RUBRIC, MAX_TOTAL
 from gemma_lowmem.tasks.sources import BadRow, HubSet, LoadedRows, MissingField, Row, load_rows
@@ -388,3 +389,7 @@ def score_outputs(conversations: list[Conversation], outputs: list[str]) -> dict
                         "ylabel": "predicted score (0-100)", "limits": [0, MAX_TOTAL],
                         "title": "essay scores: human vs predicted"}}
     return {"metrics": metrics, "rows": rows, "plots": plots}
+
+
+TASK = Task("essay", build_datasets, score_outputs=score_outputs, rubric=ESSAY_RUBRIC,
+            summary_statistics=summary_statistics)

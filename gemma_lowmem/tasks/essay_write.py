@@ -36,6 +36,7 @@ from gemma_lowmem.config import DataConfig
 from gemma_lowmem.data.conversation import Conversation, Message
 from gemma_lowmem.evaluation.rouge import rouge_pair
 from gemma_lowmem.evaluation.rubric import parse_rubric
+from gemma_lowmem.tasks import Task
 from gemma_lowmem.tasks.essay_feedback import essay_features
 from gemma_lowmem.tasks.essay_rubric import ESSAY_RUBRIC
 from gemma_lowmem.tasks.sources import BadRow, HubSet, LoadedRows, MissingField, Row, load_rows
@@ -377,3 +378,6 @@ def score_outputs(conversations: list[Conversation], outputs: list[str],
                                      "y": [r["rouge1_precision"] for r in rows], "xlabel": "essay length (words)",
                                      "ylabel": "ROUGE-1 precision against the article"}}
     return {"metrics": metrics, "rows": rows, "plots": plots}
+
+
+TASK = Task("essay_write", build_datasets, score_outputs=score_outputs, summary_statistics=summary_statistics)

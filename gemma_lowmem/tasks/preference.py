@@ -1,7 +1,7 @@
 """Task 4, pairwise preference tuning: prompts with a chosen and a rejected answer, trained with DPO or IPO.
 
-Two task names are served by this module (register both): ``preference`` trains the preference objective of
-:mod:`gemma_lowmem.dpo` through :func:`prepare_training`; ``preference_sft`` trains plain SFT on (prompt -> chosen),
+Two task values: :data:`DPO` (``--task preference``) trains the preference objective of :mod:`gemma_lowmem.dpo`
+through :func:`prepare_training`; :data:`SFT` (``--task preference_sft``) trains plain SFT on (prompt -> chosen),
 the usual warm-up before DPO, from the same data (:func:`build_datasets` gives those conversations).
 
 Data: a JSONL/CSV/Parquet file, the bundled demo set (``preference_demo.jsonl``) or the hub set
@@ -35,13 +35,10 @@ import torch
 from gemma_lowmem.config import DataConfig, RunConfig
 from gemma_lowmem.data.conversation import Conversation, Message
 from gemma_lowmem.data.tokenize import encode_messages
-from gemma_lowmem.device import resolve_precision
-from gemma_lowmem.dpo import cached_reference_logps, make_dpo_loss, pair_collate_fn, pair_example, with_reference
+from gemma_lowmem.dpo import dpo_objective, pair_example
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.evaluation.rouge import rouge_pair
-from gemma_lowmem.loss import lm_parts
-from gemma_lowmem.model import CACHE
-from gemma_lowmem.tasks import TaskTraining
+from gemma_lowmem.tasks import Task, TaskTraining
 from gemma_lowmem.tasks.sources import BadRow, HubSet, LoadedRows, MissingField, Row, load_rows
 from gemma_lowmem.text import detect_lang
 
@@ -50,9 +47,6 @@ log = logging.getLogger(__name__)
 DEMO_FILE = Path(__file__).parents[1] / "data" / "demo" / "preference_demo.jsonl"
 HUB = HubSet("Anthropic/hh-rlhf", None, "train", "test")
 FIELDS = ("id", "prompt", "chosen", "rejected", "lang", "topic")  # what --columns may map
-SFT_TASK = "preference_sft"  # the same data as SFT on (prompt -> chosen)
-# TrainConfig fields read with getattr until the config has them: name -> default.
-DPO_DEFAULTS = {"dpo_beta": 0.1, "dpo_loss": "sigmoid", "dpo_label_smoothing": 0.0}
 
 SYSTEM_PROMPTS = {
     "ko": (
@@ -305,61 +299,24 @@ def encode_pairs(tokenizer: Any, rows: list[Row], cfg: RunConfig, desc: str) -> 
     return examples
 
 
-def _reference_settings(cfg: RunConfig, model: torch.nn.Module, precision_dtype: Any) -> dict[str, Any]:
-    """What besides the tokens changes the reference's numbers: model, its storage, precision, and a weight sample."""
-    head = lm_parts(model).head.weight
-    return {
-        "model": cfg.model.model, "quant": cfg.model.quant, "dtype": cfg.model.dtype,
-        "attn": cfg.model.attn_implementation, "precision": str(precision_dtype), "adapter": "disabled",
-        "chunked": cfg.train.chunked_loss,
-        # Different weights under the same name (a re-converted model) must not reuse the cache.
-        "head_sample": float(head[:8].float().sum()),
-    }
-
-
-def prepare_training(cfg: RunConfig, tokenizer: Any, model: torch.nn.Module) -> TaskTraining | None:
-    """The run's hook: pair examples with reference log-probabilities, the DPO loss and the pair collation.
-
-    With ``cfg.data.task == "preference_sft"`` it returns None: the run then trains plain SFT on
-    :func:`build_datasets` (prompt -> chosen).
-    The DPO settings are read from ``cfg.train.dpo_beta`` (0.1), ``dpo_loss`` ("sigmoid" or "ipo") and
-    ``dpo_label_smoothing`` (0.0). Reference log-probabilities (the base without the adapter) are computed once and
-    cached under ``cfg.data.cache_dir`` (default ``~/.cache/gemma_lowmem/reference``).
+def prepare_training(cfg: RunConfig, tokenizer: Any, model: torch.nn.Module) -> TaskTraining:
+    """The pairs of ``cfg.data`` as pair examples, with the objective of :func:`~gemma_lowmem.dpo.dpo_objective`.
 
     Args:
-        cfg: the run configuration.
+        cfg: the run configuration (DPO settings in ``cfg.preference``).
         tokenizer: the model's tokenizer.
         model: the policy (base + LoRA).
 
     Returns:
-        The examples, loss and collation for ``fit`` (None for ``preference_sft``).
+        The examples (with reference log-probabilities), loss and collation for ``fit``.
     """
-    if cfg.data.task == SFT_TASK:
-        return None
     data = load_pairs(cfg.data)
     train = encode_pairs(tokenizer, data.train, cfg, "train pairs")
     val = encode_pairs(tokenizer, data.val, cfg, "val pairs")
     if not train:
         raise UserError(f"no training pair fits --max-seq-length {cfg.data.max_seq_length} (a pair row holds the "
                         "prompt twice and both answers); raise it")
-    settings = {name: getattr(cfg.train, name, default) for name, default in DPO_DEFAULTS.items()}
-    try:
-        loss_fn = make_dpo_loss(settings["dpo_beta"], settings["dpo_loss"], settings["dpo_label_smoothing"],
-                                chunked=cfg.train.chunked_loss, chunk_size=cfg.train.loss_chunk_size)
-    except ValueError as err:
-        raise UserError(f"preference settings {settings}: {err}") from None
-    collate_fn = pair_collate_fn(model, tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    precision = resolve_precision(device, cfg.train.precision)
-    cache = Path(cfg.data.cache_dir) / "reference" if cfg.data.cache_dir else CACHE / "reference"
-    logps, cached = cached_reference_logps(
-        model, train + val, collate_fn, cache_dir=cache, settings=_reference_settings(cfg, model, precision.dtype),
-        batch_size=cfg.train.batch_size, autocast=precision.autocast, chunked=cfg.train.chunked_loss,
-        chunk_size=cfg.train.loss_chunk_size,
-    )
-    print(f"reference log-probs of {len(train) + len(val)} pairs " + ("read from the cache" if cached else "computed"))
-    return TaskTraining(with_reference(train, logps[: len(train)]), with_reference(val, logps[len(train):]),
-                        loss_fn, collate_fn)
+    return TaskTraining(*dpo_objective(cfg, model, tokenizer.pad_token_id, train, val))
 
 
 # --------------------------------------------------------------------------------------------------------- scoring
@@ -433,3 +390,8 @@ def score_outputs(conversations: list[Conversation], outputs: list[str]) -> dict
                        "ylabel": "share of answers", "title": "Answer indicators"},
     }
     return {"metrics": metrics, "rows": rows, "plots": plots}
+
+
+DPO = Task("preference", build_datasets, prepare_training=prepare_training, score_outputs=score_outputs,
+           activation_factor=2.0)
+SFT = Task("preference_sft", build_datasets, score_outputs=score_outputs)

@@ -46,6 +46,7 @@ from gemma_lowmem.errors import UserError
 from gemma_lowmem.evaluation.metrics import agreement
 from gemma_lowmem.evaluation.rouge import rouge_pair, rouge_scores
 from gemma_lowmem.evaluation.rubric import CRITERIA, MAX_TOTAL, SUMMARY_RUBRIC, parse_rubric, render_rubric
+from gemma_lowmem.tasks import Task
 from gemma_lowmem.tasks.sources import HubSet, LoadedRows, MissingField, Row, load_rows
 from gemma_lowmem.tasks.student_summaries import (
     KINDS,
@@ -62,7 +63,6 @@ HUB = HubSet("abisee/cnn_dailymail", "3.0.0")
 DEMO_FILE = Path(__file__).parents[1] / "data" / "demo" / "summary_demo.jsonl"
 DEMO_VAL_FRACTION = 0.2  # the demo set is small: 1 row in 5 for validation
 HOLDOUT_FRACTION = 0.1  # held out of a training file when no validation file is given
-RUBRIC = SUMMARY_RUBRIC  # the answers' rubric: evaluation decodes it guided
 FIELDS = ("id", "article", "highlights", "lang")  # what --columns may map
 
 
@@ -728,3 +728,7 @@ def score_outputs(conversations: list[Conversation], outputs: list[str]) -> dict
                         "ylabel": "mean total", "title": "Mean total per student-summary kind"},
     }
     return {"metrics": metrics, "rows": rows, "plots": plots}
+
+
+TASK = Task("summary_eval", build_datasets, score_outputs=score_outputs, rubric=SUMMARY_RUBRIC,
+            summary_statistics=summary_statistics)

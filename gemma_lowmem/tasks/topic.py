@@ -1,6 +1,6 @@
 """Task 2, news topic classification: name an article's topic (``topic``) or grade a student's choice (``topic_grade``).
 
-Both task names are served by this module; :func:`build_datasets` reads the mode from ``cfg.task``.
+Two task values, one per mode: :data:`TOPIC` and :data:`TOPIC_GRADE`.
 
 - ``topic`` (classify): (system) the four topics; (user) the article; (assistant) the topic name alone, in the
   prompt language: 세계 / 스포츠 / 경제 / 과학/기술, or World / Sports / Business / Sci/Tech.
@@ -25,12 +25,14 @@ import logging
 import random
 import re
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from gemma_lowmem.config import DataConfig
 from gemma_lowmem.data.conversation import Conversation, Message
 from gemma_lowmem.evaluation.metrics import classification_metrics
+from gemma_lowmem.tasks import Task
 from gemma_lowmem.tasks.sources import BadRow, HubSet, LoadedRows, MissingField, Row, load_rows
 from gemma_lowmem.tasks.topic_answers import parse_grade, parse_topic
 from gemma_lowmem.text import cut_at_sentence_end
@@ -41,7 +43,6 @@ LABELS_EN = ("World", "Sports", "Business", "Sci/Tech")
 LABELS_KO = ("세계", "스포츠", "경제", "과학/기술")
 HUB = HubSet("fancyzhx/ag_news", None, "train", "test", sliced=False)  # 120k short rows: load, then balance
 DEMO_FILE = Path(__file__).parents[1] / "data" / "demo" / "topic_demo.jsonl"
-MODES = {"topic": "classify", "topic_grade": "grade"}
 FIELDS = ("id", "idx", "text", "title", "description", "label", "label_name", "topic")  # what --columns may map
 
 
@@ -345,17 +346,18 @@ def build_conversations(records: list[Row], mode: str, lang: str, seed: int) -> 
     return [build_conversation(r, mode, lang, seed, flag) for r, flag in zip(records, flags)]
 
 
-def build_datasets(cfg: DataConfig, seed: int) -> tuple[list[Conversation], list[Conversation]]:
-    """The training script's entry: rows named by ``cfg``, the mode from ``cfg.task`` (``topic``/``topic_grade``).
+def build_datasets(cfg: DataConfig, seed: int, mode: str = "classify"
+                   ) -> tuple[list[Conversation], list[Conversation]]:
+    """Conversations of the rows named by ``cfg``: classify (``topic``) or grade (``topic_grade``) a topic.
 
     Args:
         cfg: the data configuration.
         seed: the seed for students' answers.
+        mode: ``"classify"`` or ``"grade"``.
 
     Returns:
         Training and validation conversations.
     """
-    mode = MODES.get(cfg.task, "classify")
     data = load_data(cfg)
     return (build_conversations(data.train, mode, cfg.lang, seed),
             build_conversations(data.val, mode, cfg.lang, seed))
@@ -456,3 +458,9 @@ def _score_grade(conversations: list[Conversation], outputs: list[str], true: li
                                       [LABELS_EN[t] for t in true], list(LABELS_EN), "correct topic named"),
     }
     return {"metrics": metrics, "rows": rows, "plots": plots}
+
+
+TOPIC = Task("topic", partial(build_datasets, mode="classify"), score_outputs=score_outputs,
+             summary_statistics=summary_statistics)
+TOPIC_GRADE = Task("topic_grade", partial(build_datasets, mode="grade"), score_outputs=score_outputs,
+                   summary_statistics=summary_statistics)

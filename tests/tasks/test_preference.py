@@ -13,8 +13,7 @@ import torch
 from gemma_lowmem.config import DataConfig, LoraConfig, RunConfig, TrainConfig
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.model import add_lora
-from gemma_lowmem.tasks import TaskTraining
-from gemma_lowmem.tasks import preference as pref
+from gemma_lowmem.tasks import TaskTraining, get_task
 from gemma_lowmem.tasks.preference import (
     SYSTEM_PROMPTS,
     BadRow,
@@ -178,12 +177,11 @@ def test_prepare_training_attaches_reference_and_uses_the_cache(tmp_path, monkey
 
 def test_prepare_training_settings_and_sft_view(tmp_path):
     cfg = run_config(tmp_path)
-    object.__setattr__(cfg.train, "dpo_loss", "hinge")  # past __post_init__, as a hand-edited config could be
-    with pytest.raises(UserError, match="dpo_loss"):
+    object.__setattr__(cfg.preference, "loss", "hinge")  # past __post_init__, as a hand-edited config could be
+    with pytest.raises(UserError, match="--dpo-loss.*hinge"):
         prepare_training(cfg, tiny_tokenizer(), add_lora(tiny_gemma3(), LoraConfig(r=4, alpha=8), False))
-    sft_cfg = run_config(tmp_path)
-    sft_cfg.data.task = pref.SFT_TASK
-    assert prepare_training(sft_cfg, tiny_tokenizer(), add_lora(tiny_gemma3(), LoraConfig(r=4, alpha=8), False)) is None
+    assert get_task("preference").prepare_training is prepare_training
+    assert get_task("preference_sft").prepare_training is None  # plain SFT on (prompt -> chosen)
     tight = run_config(tmp_path, max_seq_length=60)
     with pytest.raises(UserError, match="no training pair fits"):
         prepare_training(tight, tiny_tokenizer(), add_lora(tiny_gemma3(), LoraConfig(r=4, alpha=8), False))

@@ -13,7 +13,7 @@ import pytest
 from gemma_lowmem.config import DataConfig, LoraConfig, TrainConfig
 from gemma_lowmem.data.conversation import Conversation
 from gemma_lowmem.errors import UserError
-from gemma_lowmem.tasks import sources, topic
+from gemma_lowmem.tasks import get_task, sources, topic
 from gemma_lowmem.tasks.topic import (
     LABELS_EN,
     LABELS_KO,
@@ -252,7 +252,7 @@ def test_demo_set_builds_both_modes():
     assert (len(train), len(val)) == (16, 8)
     assert Counter(c.meta["label"] for c in val) == {0: 2, 1: 2, 2: 2, 3: 2}
     assert {c.meta["lang"] for c in train} == {"ko"}
-    train, val = build_datasets(DataConfig(task="topic_grade", demo=True, lang="en"), seed=0)
+    train, val = get_task("topic_grade").build_datasets(DataConfig(demo=True, lang="en"), 0)
     assert {c.meta["mode"] for c in train + val} == {"grade"}
     rows = [json.loads(line) for line in topic.DEMO_FILE.read_text(encoding="utf-8").splitlines()]
     assert Counter(r["lang"] for r in rows) == {"en": 16, "ko": 8}
