@@ -44,7 +44,7 @@ from torch import nn
 
 from gemma_lowmem.memory import GiB, _status_kib, return_freed_memory_to_os
 from gemma_lowmem.model import INT8_SKIP_MODULES
-from gemma_lowmem.planner import EMBEDDINGS, load_model_config, predict_peak
+from gemma_lowmem.planner import EMBEDDINGS, StepSpec, describe_model, load_model_config, predict_peak
 
 # Standard deviation of integers drawn uniformly from [-127, 127]: sqrt((255^2 - 1) / 12).
 INT8_UNIFORM_STD = 73.6
@@ -194,13 +194,12 @@ def predict(args: argparse.Namespace, model_config=None) -> dict:
     dtype = weight_dtype(device, args.dtype)
     act_dtype = resolve_precision(device, args.precision).dtype or torch.float32
     lora = LoraConfig()
-    breakdown = predict_peak(
-        model_config, quant="int8", dtype_bytes=torch.finfo(dtype).bits // 8,
-        act_bytes=torch.finfo(act_dtype).bits // 8, lora_r=lora.r, lora_targets=lora.target_modules,
-        batch_size=args.batch_size, seq_len=args.tokens // args.batch_size,
-        gradient_checkpointing=not args.no_checkpointing, loss_chunk_size=args.loss_chunk, device_type="cpu",
-        packed=not args.no_packing, embeddings=args.embeddings,
-    )
+    shape = describe_model(model_config, quant="int8", dtype_bytes=torch.finfo(dtype).bits // 8,
+                           embeddings=args.embeddings, lora_r=lora.r, lora_targets=lora.target_modules)
+    step = StepSpec(batch_size=args.batch_size, seq_len=args.tokens // args.batch_size,
+                    gradient_checkpointing=not args.no_checkpointing, loss_chunk_size=args.loss_chunk,
+                    act_bytes=torch.finfo(act_dtype).bits // 8, packed=not args.no_packing)
+    breakdown = predict_peak(shape, step, "cpu")
     return {
         "predicted_peak_gib": round(sum(breakdown.values()) / GiB, 3),
         "breakdown_gib": {k: round(v / GiB, 3) for k, v in breakdown.items()},

@@ -112,6 +112,7 @@ class ModelShape:
         int8_head: the LM head is the tied int8 embedding (the loss walks vocabulary blocks, see ``_activation_bytes``).
         table_elements: elements of the float tables that turn int8 after loading (the tied embedding, Gemma 3n's
             per-layer table), by :func:`describe_model`'s part names: the load reads them as floats first.
+        quant: how the frozen linears are stored (``--quant``), for messages.
     """
 
     num_layers: int
@@ -126,6 +127,31 @@ class ModelShape:
     lora_params: int
     int8_head: bool = False
     table_elements: dict[str, int] = field(default_factory=dict)
+    quant: str = "int8"
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One training micro-step, as the planner predicts its memory.
+
+    Attributes:
+        batch_size: rows per micro-batch.
+        seq_len: tokens per row.
+        gradient_checkpointing: recompute each layer in backward.
+        loss_chunk_size: tokens per loss chunk (None: the loss's default).
+        act_bytes: bytes per activation element (the autocast dtype).
+        packed: rows are packed (each carries two (B, 1, T, T) masks).
+        task_factor: sequences through the policy per row (``Task.activation_factor``: 2.0 for preference pairs,
+            chosen and rejected both keep activations; the reference pass runs without grad and keeps none).
+    """
+
+    batch_size: int
+    seq_len: int
+    gradient_checkpointing: bool = True
+    loss_chunk_size: int | None = None
+    act_bytes: int = 4
+    packed: bool = True
+    task_factor: float = 1.0
 
 
 def load_model_config(name: str) -> Any:
@@ -257,6 +283,7 @@ def describe_model(
         lora_params=lora,
         int8_head=embeddings != "float" and head.weight is model.get_input_embeddings().weight,
         table_elements=tables,
+        quant=quant,
     )
 
 
@@ -301,37 +328,28 @@ def default_loss_chunk(vocab: int) -> int:
     return max(1, DEFAULT_CHUNK_BYTES // (vocab * 4))
 
 
-def _activation_bytes(
-    shape: ModelShape,
-    *,
-    batch_size: int,
-    seq_len: int,
-    act_bytes: int,
-    gradient_checkpointing: bool,
-    loss_chunk_size: int | None,
-    packed: bool,
-    task_factor: float,
-) -> dict[str, float]:
-    tokens = batch_size * seq_len * task_factor  # (B x T) rows of tokens through the policy, per micro-batch
-    a = act_bytes
+def _activation_bytes(shape: ModelShape, step: StepSpec) -> dict[str, float]:
+    tokens = step.batch_size * step.seq_len * step.task_factor  # (B x T) rows of tokens through the policy
+    a = step.act_bytes
     h = shape.hidden
-    masks = 2 * batch_size * seq_len * seq_len * task_factor if packed else 0  # (B, 1, T, T) bool, full + sliding
+    # (B, 1, T, T) bool masks, full + sliding
+    masks = 2 * step.batch_size * step.seq_len * step.seq_len * step.task_factor if step.packed else 0
     per_layer_recompute = tokens * a * (RECOMPUTE_STREAM * shape.stream + RECOMPUTE_INTERMEDIATE * shape.intermediate)
     # Gemma 3n's per-layer inputs (B, T, layers x 256) feed every layer; packed rows carry their masks
     out = {"model-level activations": tokens * a * shape.per_layer_width + masks}
-    if gradient_checkpointing:
+    if step.gradient_checkpointing:
         out["layer inputs kept by checkpointing"] = tokens * a * shape.num_layers * shape.stream
         layer = per_layer_recompute
     else:
         out["all layers' activations"] = shape.num_layers * LAYER_FULL_FACTOR * per_layer_recompute
         layer = 0.0
-    if shape.int8_head and loss_chunk_size is None:
+    if shape.int8_head and step.loss_chunk_size is None:
         # Vocabulary blocks of the int8 head: a block's fp32 logits (tokens x rows) and its dequantized fp32 weights
         # (rows x H) share DEFAULT_CHUNK_BYTES.
         rows = min(DEFAULT_CHUNK_BYTES / 4 / (tokens + h), shape.vocab)  # no block beyond the vocabulary
         logits, block_weights = tokens * rows, rows * h * 4
     else:
-        logits = min(loss_chunk_size or default_loss_chunk(shape.vocab), int(tokens)) * shape.vocab
+        logits = min(step.loss_chunk_size or default_loss_chunk(shape.vocab), int(tokens)) * shape.vocab
         block_weights = logits * h * 4 / tokens if shape.int8_head else 0.0  # as many logits, rows of H fp32
     loss = logits * LOSS_CHUNK_BYTES_PER_LOGIT + block_weights + 2 * tokens * h * a  # + hidden and its gradient
     # The loss's backward finishes before the last layer's recompute starts: only the larger is alive.
@@ -339,56 +357,21 @@ def _activation_bytes(
     return out
 
 
-def predict_peak(
-    model_config: Any,
-    *,
-    quant: str,
-    dtype_bytes: int,
-    lora_r: int,
-    lora_targets: Sequence[str],
-    batch_size: int,
-    seq_len: int,
-    gradient_checkpointing: bool,
-    loss_chunk_size: int | None,
-    device_type: str,
-    act_bytes: int | None = None,
-    packed: bool = True,
-    embeddings: str = "int8",
-    task_factor: float = 1.0,
-    shape: ModelShape | None = None,
-) -> dict[str, int]:
+def predict_peak(shape: ModelShape, step: StepSpec, device_type: str) -> dict[str, int]:
     """Predicted peak memory of one training step, by part (bytes); the peak is the sum.
 
     Args:
-        model_config: the text model's config.
-        quant, dtype_bytes, embeddings, lora_r, lora_targets: as in :func:`describe_model`.
-        batch_size: rows per micro-batch.
-        seq_len: tokens per row.
-        gradient_checkpointing: recompute each layer in backward.
-        loss_chunk_size: tokens per loss chunk (None: the loss's default).
+        shape: the model as stored (:func:`describe_model`).
+        step: the micro-step.
         device_type: "cpu" (peak RSS, with the Python runtime) or "cuda" (peak reserved).
-        act_bytes: bytes per activation element (the autocast dtype; default ``dtype_bytes``).
-        packed: packed rows carry two (B, 1, T, T) masks.
-        task_factor: sequences through the policy per row (2.0 for preference pairs, see :func:`plan_memory`).
-        shape: a :func:`describe_model` result to reuse (skips the meta-device build).
 
     Returns:
         ``{part: bytes}``.
     """
-    shape = shape or describe_model(
-        model_config, quant=quant, dtype_bytes=dtype_bytes, embeddings=embeddings, lora_r=lora_r,
-        lora_targets=lora_targets,
-    )
     parts: dict[str, float] = dict(shape.weight_bytes)
     parts["LoRA weights, grads, AdamW"] = shape.lora_params * LORA_BYTES_PER_PARAM
     parts["runtime"] = CPU_RUNTIME_BYTES if device_type == "cpu" else CUDA_RUNTIME_BYTES
-    parts.update(
-        _activation_bytes(
-            shape, batch_size=batch_size, seq_len=seq_len, act_bytes=act_bytes or dtype_bytes,
-            gradient_checkpointing=gradient_checkpointing, loss_chunk_size=loss_chunk_size, packed=packed,
-            task_factor=task_factor,
-        )
-    )
+    parts.update(_activation_bytes(shape, step))
     return {k: int(v) for k, v in parts.items() if v}
 
 
@@ -447,21 +430,12 @@ class MemoryPlan:
 
 
 def plan_memory(
-    model_config: Any,
+    shape: ModelShape,
     *,
     budget: int | str,
-    quant: str,
-    dtype_bytes: int,
-    lora_r: int,
-    lora_targets: Sequence[str],
-    max_seq_length: int,
+    step: StepSpec,
     global_batch_tokens: int,
     device_type: str,
-    task_factor: float = 1.0,
-    act_bytes: int | None = None,
-    embeddings: str = "int8",
-    packed: bool = True,
-    shape: ModelShape | None = None,
     fixed: dict[str, Any] | None = None,
 ) -> MemoryPlan:
     """Choose micro-batch, accumulation, checkpointing and loss chunk so that the predicted peak fits ``budget``.
@@ -471,17 +445,12 @@ def plan_memory(
     is exactly the global batch in rows); then the largest loss chunk. Choices in ``fixed`` are kept.
 
     Args:
-        model_config: the text model's config.
+        shape: the model as stored (:func:`describe_model`).
         budget: bytes, or a size as ``--max-mem`` takes it (``8GB``: errors quote it as given).
-        quant, dtype_bytes, lora_r, lora_targets, embeddings: as in :func:`describe_model`.
-        max_seq_length: tokens per row (packed rows are this long).
+        step: the micro-step's row length (``seq_len``: packed rows are this long), activation dtype, packing and
+            task factor; its batch size, checkpointing and loss chunk are what the plan chooses.
         global_batch_tokens: tokens per optimizer step to reach (rounded up to whole rows).
         device_type: "cpu" or "cuda".
-        task_factor: sequences through the policy per row: 1.0 for SFT; 2.0 for preference pairs (chosen and
-            rejected both keep activations; the reference model's pass runs without grad and keeps none).
-        act_bytes: bytes per activation element (default ``dtype_bytes``).
-        packed: rows are packed (they carry block-diagonal masks).
-        shape: a :func:`describe_model` result to reuse (skips the meta-device build).
         fixed: choices the user made, kept as they are: ``batch_size`` (with ``grad_accum``: the micro-batch split
             of the global batch), ``gradient_checkpointing``, ``loss_chunk_size``.
 
@@ -493,19 +462,12 @@ def plan_memory(
         BudgetTooSmall: even one row with checkpointing and the smallest loss chunk does not fit, or nothing fits
             with the ``fixed`` choices (the message names them).
     """
-    shape = shape or describe_model(
-        model_config, quant=quant, dtype_bytes=dtype_bytes, embeddings=embeddings, lora_r=lora_r,
-        lora_targets=lora_targets,
-    )
+    max_seq_length = step.seq_len
     rows = max(1, -(-global_batch_tokens // max_seq_length))
 
     def predict(batch: int, checkpointing: bool, chunk: int | None, seq: int = max_seq_length) -> dict[str, int]:
-        return predict_peak(
-            model_config, quant=quant, dtype_bytes=dtype_bytes, lora_r=lora_r, lora_targets=lora_targets,
-            batch_size=batch, seq_len=seq, gradient_checkpointing=checkpointing, loss_chunk_size=chunk,
-            device_type=device_type, act_bytes=act_bytes, packed=packed, task_factor=task_factor,
-            shape=shape,
-        )
+        return predict_peak(shape, replace(step, batch_size=batch, seq_len=seq, gradient_checkpointing=checkpointing,
+                                           loss_chunk_size=chunk), device_type)
 
     label = budget if isinstance(budget, str) else format_size(budget)
     budget = parse_size(budget) if isinstance(budget, str) else budget
@@ -514,7 +476,7 @@ def plan_memory(
     if baseline > budget:
         raise WeightsExceedBudget(
             f"--max-mem {label} is below the frozen weights, adapter and runtime alone "
-            f"({format_size(baseline)} with --quant {quant}); training needs at least {format_size(needed)}",
+            f"({format_size(baseline)} with --quant {shape.quant}); training needs at least {format_size(needed)}",
             needed=needed,
         )
     fixed = fixed or {}
@@ -600,12 +562,10 @@ def plan_run(cfg: RunConfig, model_config: Any, device: torch.device, keep: Coll
         shape, device_type=device.type, load_bytes=load_dtype(model_config, weights).itemsize,
         tables_on_cpu=cfg.model.embeddings_on_cpu or cfg.model.embeddings_on_disk,
     ).values())
-    plan = plan_memory(
-        model_config, budget=train.max_mem, quant=cfg.model.quant, dtype_bytes=weights.itemsize, lora_r=cfg.lora.r,
-        lora_targets=cfg.lora.target_modules, max_seq_length=seq, global_batch_tokens=train.batch_size
-        * train.grad_accum * seq, device_type=device.type, task_factor=activation_factor,
-        act_bytes=torch.finfo(autocast).bits // 8 if autocast else 4, packed=train.packing, fixed=fixed, shape=shape,
-    )
+    step = StepSpec(batch_size=1, seq_len=seq, act_bytes=torch.finfo(autocast).bits // 8 if autocast else 4,
+                    packed=train.packing, task_factor=activation_factor)
+    plan = plan_memory(shape, budget=train.max_mem, step=step, global_batch_tokens=train.batch_size
+                       * train.grad_accum * seq, device_type=device.type, fixed=fixed)
     if load > plan.budget:  # after the step's plan: a budget below the weights says so first
         raise BudgetTooSmall(
             f"--max-mem {train.max_mem}: loading {cfg.model.model} peaks at {format_size(load)} "

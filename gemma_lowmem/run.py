@@ -56,12 +56,21 @@ def choose_run_dir(cfg: RunConfig) -> Path:
         run_dir = resume.parent.parent if resume.parent.name == "checkpoints" else resume
     else:
         run_dir = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--output-dir {run_dir}: exists and is not a folder")
-    parent = next(p for p in [run_dir, *run_dir.parents] if p.exists())
+    return writable_dir(run_dir)
+
+
+def writable_dir(folder: Path) -> Path:
+    """``folder``, checked before anything is written: not a file, and its nearest existing parent writable.
+
+    Raises:
+        UserError: naming ``--output-dir`` (the flag that picks the folder) and what is wrong.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--output-dir {folder}: exists and is not a folder")
+    parent = next(p for p in [folder, *folder.parents] if p.exists())
     if not os.access(parent, os.W_OK):
-        raise UserError(f"--output-dir {run_dir}: {parent} is not writable")
-    return run_dir
+        raise UserError(f"--output-dir {folder}: {parent} is not writable")
+    return folder
 
 
 def plan_budget(model_path: str, cfg: RunConfig, device: torch.device, keep: Collection[str],

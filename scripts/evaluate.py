@@ -22,7 +22,6 @@ ROUGE-1/2/L's on the same rows. --max-val-samples caps the rows, whole documents
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from gemma_lowmem.evaluation.human import read_judgments
 from gemma_lowmem.evaluation.report import format_value, write_report
 from gemma_lowmem.memory import parse_size
 from gemma_lowmem.model import load_adapter, load_base_model, load_tokenizer, resolve_model_path
+from gemma_lowmem.run import writable_dir
 from gemma_lowmem.tasks import get_task
 from gemma_lowmem.tasks.summary_human import (
     correlation_table,
@@ -103,12 +103,7 @@ def output_dir_for(cfg: RunConfig, options: EvalOptions) -> Path:
         out = Path(options.adapter) / ("eval-human" if options.human_judgments else "eval")
     else:
         out = Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output-dir {out}: exists and is not a folder")
-    parent = next(p for p in [out, *out.parents] if p.exists())
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"--output-dir {out}: {parent} is not writable")
-    return out
+    return writable_dir(out)
 
 
 def run_evaluation(cfg: RunConfig, options: EvalOptions) -> tuple[dict[str, Any], Path, Path]:

@@ -22,7 +22,7 @@ from gemma_lowmem.config import LoraConfig
 from gemma_lowmem.device import DTYPES, default_device, resolve_precision, weight_dtype
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.memory import GiB, parse_size
-from gemma_lowmem.planner import EMBEDDINGS, describe_model, load_model_config, plan_memory
+from gemma_lowmem.planner import EMBEDDINGS, StepSpec, describe_model, load_model_config, plan_memory
 from gemma_lowmem.tasks import get_task
 
 
@@ -77,11 +77,10 @@ def main() -> None:
           f"frozen weights {sum(shape.weight_bytes.values()) / GiB:.2f} GiB ({args.quant}, "
           f"{str(weights_dtype).removeprefix('torch.')} otherwise); LoRA {shape.lora_params:,} parameters; "
           f"{device_type}, activations {str(act_dtype).removeprefix('torch.')}")
-    plan = plan_memory(
-        model_config, budget=args.max_mem, max_seq_length=args.max_seq_length,
-        global_batch_tokens=args.global_batch_tokens or 8 * args.max_seq_length, device_type=device_type,
-        task_factor=get_task(args.task).activation_factor, act_bytes=act_bytes, shape=shape, **kw,
-    )
+    step = StepSpec(batch_size=1, seq_len=args.max_seq_length, act_bytes=act_bytes,
+                    task_factor=get_task(args.task).activation_factor)
+    plan = plan_memory(shape, budget=args.max_mem, step=step, device_type=device_type,
+                       global_batch_tokens=args.global_batch_tokens or 8 * args.max_seq_length)
     print(plan.table())
 
 

@@ -1,7 +1,11 @@
 """Test options: slow tests (the real Gemma 3 270M, whole scripts) run only with --run-slow, as CI does."""
 
+from pathlib import Path
+
 import pytest
 import torch
+
+from tests.tiny import tiny_gemma3, tiny_tokenizer
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -25,3 +29,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Gemma 3 and its tokenizer saved as a model folder (what ``--model PATH`` loads)."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_gemma3().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

@@ -12,7 +12,6 @@ import pytest
 
 from gemma_lowmem.cli import build_parser, config_from_args
 from gemma_lowmem.config import RunConfig
-from tests.tiny import tiny_gemma3, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,14 +22,6 @@ def run_train(argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(ROOT / "scripts" / "train.py"), run_name="__main__")
     return exit_info.value.code, capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_gemma3().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def assert_one_error_line(code: int, err: str, *needles: str) -> None:

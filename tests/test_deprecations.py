@@ -36,7 +36,7 @@ from gemma_lowmem.data.tokenize import encode_conversations
 from gemma_lowmem.evaluation.generate import generate_texts
 from gemma_lowmem.model import add_lora, load_adapter, load_base_model
 from gemma_lowmem.train import fit
-from tests.tiny import tiny_gemma3, tiny_tokenizer
+from tests.tiny import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = (Path(gemma_lowmem.__file__).resolve().parent, Path(kernels.__file__).resolve().parent)
@@ -83,16 +83,8 @@ def assert_none(found: list[str]) -> None:
     assert not found, "deprecated APIs called from our code:\n" + "\n".join(sorted(set(found)))
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_gemma3().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def lora_model(model_dir: Path, quant: str) -> torch.nn.Module:
-    base = load_base_model(ModelConfig(model=str(model_dir), quant=quant), torch.device("cpu"))
+def lora_model(tiny_model_dir: Path, quant: str) -> torch.nn.Module:
+    base = load_base_model(ModelConfig(model=str(tiny_model_dir), quant=quant), torch.device("cpu"))
     return add_lora(base, LoraConfig(r=4, alpha=8), gradient_checkpointing=True)
 
 
@@ -118,14 +110,14 @@ def test_the_capture_sees_a_deprecation_reached_through_our_code_and_ignores_tes
 
 
 @pytest.mark.parametrize("quant", ["int8", "none"])
-def test_loading_and_adding_lora(model_dir, quant):
+def test_loading_and_adding_lora(tiny_model_dir, quant):
     with deprecations_from_our_calls() as found:
-        lora_model(model_dir, quant)
+        lora_model(tiny_model_dir, quant)
     assert_none(found)
 
 
-def test_tokenizing_and_training_with_checkpointing_and_packing(model_dir, tmp_path):
-    model = lora_model(model_dir, "int8")
+def test_tokenizing_and_training_with_checkpointing_and_packing(tiny_model_dir, tmp_path):
+    model = lora_model(tiny_model_dir, "int8")
     with deprecations_from_our_calls() as found:
         data = encode_conversations(tiny_tokenizer(), conversations(10), max_seq_length=64).examples
         cfg = TrainConfig(max_steps=2, batch_size=2, grad_accum=2, eval_every=1, save_every=1, packing=True,
@@ -136,8 +128,8 @@ def test_tokenizing_and_training_with_checkpointing_and_packing(model_dir, tmp_p
     assert_none(found)
 
 
-def test_generation(model_dir):
-    model = lora_model(model_dir, "int8")
+def test_generation(tiny_model_dir):
+    model = lora_model(tiny_model_dir, "int8")
     with deprecations_from_our_calls() as found:
         texts = generate_texts(model, tiny_tokenizer(), ["<bos>hello", "<bos>a longer prompt"], max_new_tokens=3,
                                show_progress=False)
@@ -145,11 +137,11 @@ def test_generation(model_dir):
     assert_none(found)
 
 
-def test_saving_and_loading_the_adapter(model_dir, tmp_path):
-    model = lora_model(model_dir, "int8")
+def test_saving_and_loading_the_adapter(tiny_model_dir, tmp_path):
+    model = lora_model(tiny_model_dir, "int8")
     with deprecations_from_our_calls() as found:
         save_adapter(model, tmp_path / "adapter", {})
-        base = load_base_model(ModelConfig(model=str(model_dir), quant="int8"), torch.device("cpu"))
+        base = load_base_model(ModelConfig(model=str(tiny_model_dir), quant="int8"), torch.device("cpu"))
         load_adapter(base, tmp_path / "adapter")
     assert_none(found)
 

@@ -16,36 +16,21 @@ from gemma_lowmem.evaluation.rouge import rouge_pair
 from gemma_lowmem.evaluation.rubric import CRITERIA, parse_rubric, render_rubric
 from gemma_lowmem.model import add_lora
 from gemma_lowmem.tasks import get_task, sources, summary_eval
-from tests.tiny import tiny_gemma3, tiny_tokenizer
+from tests.tiny import news_record
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
 config_for_eval = runpy.run_path(str(SCRIPT))["config_for_eval"]  # the script's merge of run config and flags
 
 
-def _record(i: int) -> dict:
-    return {"id": f"r{i}",
-            "article": f"The council of Town{i} voted on Tuesday to build {i + 3} new bridges. The plan costs "
-                       f"{i + 1} million dollars. Work starts in spring. Residents welcomed the news.",
-            "highlights": f"Town{i} council voted to build {i + 3} bridges .\nThe plan costs {i + 1} million dollars ."}
-
-
 @pytest.fixture(scope="module")
 def conversations() -> list[Conversation]:
-    return summary_eval.build_conversations([_record(i) for i in range(8)], "en", seed=0)  # all 8 kinds
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_gemma3().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return summary_eval.build_conversations([news_record(i) for i in range(8)], "en", seed=0)  # all 8 kinds
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "news.jsonl"
-    path.write_text("".join(json.dumps(_record(i)) + "\n" for i in range(20)), encoding="utf-8")  # 2 held out
+    path.write_text("".join(json.dumps(news_record(i)) + "\n" for i in range(20)), encoding="utf-8")  # 2 held out
     return path
 
 
@@ -122,25 +107,25 @@ def _run_script(monkeypatch, *argv: str) -> None:
     runpy.run_path(str(SCRIPT), run_name="__main__")
 
 
-def _save_adapter(model_dir: Path, folder: Path, data_file: Path) -> None:
+def _save_adapter(tiny_model_dir: Path, folder: Path, data_file: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    peft_model = add_lora(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4, target_modules=["q_proj"]),
-                          gradient_checkpointing=False)
+    peft_model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=4, target_modules=["q_proj"]), gradient_checkpointing=False)
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=2.0)
     peft_model.save_pretrained(folder)
-    cfg = RunConfig(model=ModelConfig(model=str(model_dir), quant="none"),
+    cfg = RunConfig(model=ModelConfig(model=str(tiny_model_dir), quant="none"),
                     data=DataConfig(data=str(data_file), lang="en", max_val_samples=2))
     cfg.save(folder / "run_config.json")
 
 
-def test_script_base_model_end_to_end(monkeypatch, tmp_path, model_dir, data_file, capsys):
+def test_script_base_model_end_to_end(monkeypatch, tmp_path, tiny_model_dir, data_file, capsys):
     out = tmp_path / "eval"
-    _run_script(monkeypatch, "--model", str(model_dir), "--quant", "none", "--data", str(data_file), "--lang", "en",
-                "--max-val-samples", "2", "--max-new-tokens", "8", "--output-dir", str(out), "--no-progress",
+    _run_script(monkeypatch, "--model", str(tiny_model_dir), "--quant", "none", "--data", str(data_file), "--lang",
+                "en", "--max-val-samples", "2", "--max-new-tokens", "8", "--output-dir", str(out), "--no-progress",
                 "--mode", "scores")
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     base = report["systems"]["base"]
@@ -152,14 +137,14 @@ def test_script_base_model_end_to_end(monkeypatch, tmp_path, model_dir, data_fil
     assert "report:" in capsys.readouterr().out
 
 
-def test_script_adapter_compare_with_training_defaults(monkeypatch, tmp_path, model_dir, data_file):
+def test_script_adapter_compare_with_training_defaults(monkeypatch, tmp_path, tiny_model_dir, data_file):
     adapter = tmp_path / "run" / "adapter"
-    _save_adapter(model_dir, adapter, data_file)
+    _save_adapter(tiny_model_dir, adapter, data_file)
     # Model, quantization, data and language all come from the adapter's run_config.json.
     _run_script(monkeypatch, "--adapter", str(adapter), "--compare", "--max-new-tokens", "6", "--no-progress")
     report = json.loads((adapter / "eval" / "report.json").read_text(encoding="utf-8"))
     assert list(report["systems"]) == ["base", "adapter"]
-    assert report["settings"]["model"]["model"] == str(model_dir) and report["settings"]["data"]["lang"] == "en"
+    assert report["settings"]["model"]["model"] == str(tiny_model_dir) and report["settings"]["data"]["lang"] == "en"
     assert all(s["n"] == 2 for s in report["systems"].values())
     md = (adapter / "eval" / "report.md").read_text(encoding="utf-8")
     assert "| metric | base | adapter |" in md and "Generated (base)" in md and "Generated (adapter)" in md
@@ -185,8 +170,8 @@ def test_flags_override_training_defaults(tmp_path, data_file):
 def _judgment_rows() -> list[dict]:
     rows = []
     for doc in range(2):
-        article = _record(doc)["article"]
-        reference = _record(doc)["highlights"]
+        article = news_record(doc)["article"]
+        reference = news_record(doc)["highlights"]
         for system, summary in enumerate([reference.replace(" .", "."), article, "Something else entirely."]):
             rows.append({"doc_id": f"d{doc}", "system_id": f"M{system}", "article": article, "summary": summary,
                          "references": [reference], "coherence": 4 - system, "consistency": 5 - system / 2,
@@ -194,12 +179,12 @@ def _judgment_rows() -> list[dict]:
     return rows
 
 
-def test_script_human_judgments_end_to_end(monkeypatch, tmp_path, model_dir):
+def test_script_human_judgments_end_to_end(monkeypatch, tmp_path, tiny_model_dir):
     path = tmp_path / "summeval.jsonl"
     rows = _judgment_rows()
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "human"
-    _run_script(monkeypatch, "--model", str(model_dir), "--quant", "none", "--lang", "en", "--human-judgments",
+    _run_script(monkeypatch, "--model", str(tiny_model_dir), "--quant", "none", "--lang", "en", "--human-judgments",
                 str(path), "--max-new-tokens", "4", "--output-dir", str(out), "--no-progress", "--mode", "free")
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     base = report["systems"]["base"]
@@ -216,13 +201,13 @@ def test_script_human_judgments_end_to_end(monkeypatch, tmp_path, model_dir):
     assert "| ROUGE-1 | 1.000 / 1.000 |" in md
 
 
-def test_bad_human_judgment_row_exits_2(monkeypatch, tmp_path, model_dir, capsys):
+def test_bad_human_judgment_row_exits_2(monkeypatch, tmp_path, tiny_model_dir, capsys):
     rows = _judgment_rows()
     del rows[1]["fluency"]
     path = tmp_path / "bad.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     with pytest.raises(SystemExit) as exit_info:
-        _run_script(monkeypatch, "--model", str(model_dir), "--quant", "none", "--human-judgments", str(path),
+        _run_script(monkeypatch, "--model", str(tiny_model_dir), "--quant", "none", "--human-judgments", str(path),
                     "--output-dir", str(tmp_path / "out"))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err

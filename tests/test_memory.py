@@ -26,6 +26,7 @@ from gemma_lowmem.memory import (
 )
 from gemma_lowmem.planner import (
     PLANNED,
+    StepSpec,
     describe_model,
     fixed_bytes,
     load_model_config,
@@ -108,18 +109,16 @@ def test_shipped_e2b_config_has_the_published_size(e2b):
 
 
 SMALL = dict(layers=4, hidden_size=256, intermediate_size=1024)
-PLAN = dict(quant="int8", dtype_bytes=4, lora_r=16, lora_targets=TARGETS, device_type="cpu")
+SHAPE = describe_model(gemma3_config(**SMALL), quant="int8", dtype_bytes=4, lora_r=16, lora_targets=TARGETS)
 
 
 def _peak(batch: int, checkpointing: bool, chunk: int | None, seq: int = 512) -> int:
-    parts = predict_peak(gemma3_config(**SMALL), batch_size=batch, seq_len=seq, gradient_checkpointing=checkpointing,
-                         loss_chunk_size=chunk, **PLAN)
-    return sum(parts.values())
+    return sum(predict_peak(SHAPE, StepSpec(batch, seq, checkpointing, chunk), "cpu").values())
 
 
 def _plan(budget: float, max_seq_length: int = 512, global_batch_tokens: int = 8 * 512):
-    return plan_memory(gemma3_config(**SMALL), budget=int(budget), max_seq_length=max_seq_length,
-                       global_batch_tokens=global_batch_tokens, **PLAN)
+    return plan_memory(SHAPE, budget=int(budget), step=StepSpec(1, max_seq_length),
+                       global_batch_tokens=global_batch_tokens, device_type="cpu")
 
 
 def test_plan_fits_its_budget_and_grows_with_it():
@@ -146,15 +145,15 @@ def test_accumulation_reaches_the_global_batch(seq, global_tokens, rows):
 
 def test_weights_over_budget_name_the_needed_size(e2b):
     with pytest.raises(WeightsExceedBudget, match=r"needs at least \d+\.\d\d GiB") as err:
-        plan_memory(e2b, budget=parse_size("4GB"), quant="int8", dtype_bytes=2, lora_r=16, lora_targets=TARGETS,
-                    max_seq_length=2048, global_batch_tokens=16384, device_type="cpu")
+        plan_memory(describe_model(e2b, quant="int8", dtype_bytes=2, lora_r=16, lora_targets=TARGETS),
+                    budget=parse_size("4GB"), step=StepSpec(1, 2048, act_bytes=2), global_batch_tokens=16384,
+                    device_type="cpu")
     assert err.value.needed > parse_size("4GB")
     assert isinstance(err.value, UserError)
 
 
 def test_budget_that_fits_weights_but_no_row_is_refused():
-    fixed = fixed_bytes(describe_model(gemma3_config(**SMALL), quant="int8", dtype_bytes=4, lora_r=16,
-                                       lora_targets=TARGETS), "cpu")
+    fixed = fixed_bytes(SHAPE, "cpu")
     budget = fixed + 2**20  # the weights fit, a 32k-token row does not
     with pytest.raises(BudgetTooSmall, match="smaller --max-seq-length") as err:
         _plan(budget, max_seq_length=32768, global_batch_tokens=32768)
@@ -169,9 +168,7 @@ def test_prediction_grows_with_tokens_and_without_checkpointing():
     assert peaks[0] < peaks[1] < peaks[2]
     assert _peak(4, False, None) > peaks[-1]
     assert _peak(4, True, 16) <= peaks[-1]
-    cfg = gemma3_config(**SMALL)
-    pairs = predict_peak(cfg, batch_size=4, seq_len=512, gradient_checkpointing=True, loss_chunk_size=None,
-                         task_factor=2.0, **PLAN)
+    pairs = predict_peak(SHAPE, StepSpec(4, 512, True, None, task_factor=2.0), "cpu")
     assert sum(pairs.values()) > peaks[-1]
     assert get_task("preference").activation_factor == 2.0 and get_task("summary_eval").activation_factor == 1
 

@@ -60,3 +60,11 @@ def tiny_tokenizer(chat_template: str | None = None):
     )
     tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def news_record(i: int) -> dict:
+    """A short CNN/DailyMail-shaped row (``id``, ``article``, ``highlights`` in the data set's own form), made up."""
+    return {"id": f"r{i}",
+            "article": f"The council of Town{i} voted on Tuesday to build {i + 3} new bridges. The plan costs "
+                       f"{i + 1} million dollars. Work starts in spring. Residents welcomed the news.",
+            "highlights": f"Town{i} council voted to build {i + 3} bridges .\nThe plan costs {i + 1} million dollars ."}

@@ -12,19 +12,12 @@ from gemma_lowmem.evaluation.generate import generate_texts
 from gemma_lowmem.evaluation.rubric import CRITERIA, parse_rubric
 from gemma_lowmem.model import add_lora
 from gemma_lowmem.tasks import get_task, summary_eval
-from tests.tiny import tiny_gemma3, tiny_tokenizer
-
-
-def _record(i: int) -> dict:
-    return {"id": f"r{i}",
-            "article": f"The council of Town{i} voted on Tuesday to build {i + 3} new bridges. The plan costs "
-                       f"{i + 1} million dollars. Work starts in spring. Residents welcomed the news.",
-            "highlights": f"Town{i} council voted to build {i + 3} bridges .\nThe plan costs {i + 1} million dollars ."}
+from tests.tiny import news_record, tiny_gemma3, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def conversations() -> list[Conversation]:
-    return summary_eval.build_conversations([_record(i) for i in range(8)], "en", seed=0)  # all 8 kinds
+    return summary_eval.build_conversations([news_record(i) for i in range(8)], "en", seed=0)  # all 8 kinds
 
 
 def _count_outputs(conversations, outputs):

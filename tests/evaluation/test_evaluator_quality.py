@@ -5,16 +5,10 @@ import json
 import sys
 from pathlib import Path
 
-from tests.tiny import tiny_gemma3, tiny_tokenizer
+from tests.tiny import news_record, tiny_gemma3, tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import evaluator_quality  # noqa: E402
-
-
-def _row(i: int) -> dict:
-    return {"id": f"r{i}", "article": f"The council of Town{i} voted on Tuesday to build {i + 3} new bridges. The "
-            f"plan costs {i + 1} million dollars. Work starts in spring. Residents welcomed the news.",
-            "highlights": f"Town{i} council voted to build {i + 3} bridges .\nThe plan costs {i + 1} million dollars ."}
 
 
 def test_smoke_trains_grades_and_resumes(tmp_path, monkeypatch):
@@ -23,7 +17,7 @@ def test_smoke_trains_grades_and_resumes(tmp_path, monkeypatch):
     tiny_gemma3().save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps(_row(i)) + "\n" for i in range(12)), encoding="utf-8")
+    data.write_text("".join(json.dumps(news_record(i)) + "\n" for i in range(12)), encoding="utf-8")
     out = tmp_path / "quality.json"
     argv = ["--data-file", str(data), "--train-rows", "8", "--eval-rows", "4", "--model", str(model_dir),
             "--quant", "none", "--max-steps", "1", "--max-seq-length", "2048", "--modes", "scores", "free",
