@@ -95,7 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--max-seq-length", type=int, default=1024)
-    parser.add_argument("--no-reference-share", type=float, default=0.0)
+    parser.add_argument("--no-reference-share", type=float, default=0.0,
+                        help="share of training conversations that ask to grade without the reference")
+    parser.add_argument("--score-loss-weight", type=int, default=1,
+                        help="each score token counts this many times in the loss (data.score_loss_weight)")
+    parser.add_argument("--systems", nargs="+", choices=("base", "adapter"), default=["base", "adapter"],
+                        help="what to grade (the base model's grades depend only on the evaluation rows)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--max-new-tokens", type=int, default=384, help="free mode's longest answer")
     parser.add_argument("--batch-size", type=int, default=4, help="summaries per generation batch")
@@ -105,14 +110,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.data_file.is_file():
         raise UserError(f"--data-file {args.data_file}: no such file (the shared data lives in ../shared/data)")
-    out = args.out or RESULTS / f"evaluator_quality-K{args.train_rows}-M{args.eval_rows}.json"
+    weight = f"-w{args.score_loss_weight}" if args.score_loss_weight != 1 else ""
+    out = args.out or RESULTS / f"evaluator_quality-K{args.train_rows}-M{args.eval_rows}{weight}.json"
     run_dir = out.with_suffix("")
     train_file, eval_file = _split(args.data_file, args.train_rows, args.eval_rows, run_dir / "data")
     cfg = RunConfig(
         model=ModelConfig(model=args.model, quant=args.quant),
         data=DataConfig(train_file=str(train_file), val_file=str(eval_file), lang=args.lang, max_train_samples=None,
                         max_val_samples=None, max_seq_length=args.max_seq_length,
-                        no_reference_share=args.no_reference_share),
+                        no_reference_share=args.no_reference_share, score_loss_weight=args.score_loss_weight),
         train=TrainConfig(output_dir=str(run_dir / "run"), epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
                           batch_size=2, grad_accum=4, eval_every=0, save_every=10),
         eval=EvalConfig(gen_batch_size=args.batch_size, max_new_tokens=args.max_new_tokens),
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_adapter(load_base_model(cfg.model, device, cfg.train.precision), adapter)
     autocast = resolve_precision(device, cfg.train.precision).autocast
     systems = results.setdefault("systems", {})
-    for system in ("base", "adapter"):
+    for system in args.systems:
         for mode in args.modes:
             if mode in systems.get(system, {}):
                 continue  # done in an earlier, cut run

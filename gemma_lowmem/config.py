@@ -121,6 +121,10 @@ class DataConfig:
         0.0, "summary_eval: share of conversations whose evaluation request has no reference summary, so the "
         "evaluator learns to grade rows without one (0: always with the reference)"
     )
+    score_loss_weight: int = _f(
+        1, "summary_eval: each token of a score in the target answer counts this many times in the loss, which is "
+        "divided by the weighted token count (1: plain SFT, every answer token once)"
+    )
     skip_bad_rows: bool = _f(False, "skip malformed rows (and report how many) instead of stopping")
     cache_dir: str | None = _f(None, "where tokenized data sets are cached (default: ~/.cache/gemma_lowmem)")
     columns: dict[str, str] = _f(
@@ -135,6 +139,7 @@ class DataConfig:
         _check_positive("max_val_samples", self.max_val_samples, allow_none=True)
         _check_positive("max_seq_length", self.max_seq_length)
         _check_positive("max_article_length", self.max_article_length)
+        _check_positive("score_loss_weight", self.score_loss_weight)
         if not 0 <= self.no_reference_share <= 1:
             raise UserError(f"no_reference_share={self.no_reference_share!r} must be in [0, 1]")
         for name, column in self.columns.items():

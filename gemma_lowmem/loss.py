@@ -82,5 +82,9 @@ def token_losses(
 def sft_loss(
     model: torch.nn.Module, batch: dict[str, Any], *, chunked: bool = True, chunk_size: int | None = None
 ) -> torch.Tensor:
-    """Summed cross-entropy over the batch's loss tokens (a 0-dim tensor; no host sync)."""
-    return token_losses(model, batch, chunked=chunked, chunk_size=chunk_size).sum()
+    """Summed cross-entropy over the batch's loss tokens (a 0-dim tensor; no host sync), each token's loss taken
+    ``loss_weights`` times when the batch has them (the loop divides by their sum, ``num_loss_tokens``)."""
+    losses = token_losses(model, batch, chunked=chunked, chunk_size=chunk_size)  # (B, T-1)
+    if "loss_weights" in batch:
+        losses = losses * batch["loss_weights"][:, 1:]  # position t predicts token t+1: the weight of t+1
+    return losses.sum()

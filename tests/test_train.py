@@ -12,7 +12,7 @@ from peft import PeftModel
 from gemma_lowmem.config import LoraConfig, TrainConfig
 from gemma_lowmem.data.collate import collate, collate_for
 from gemma_lowmem.device import resolve_precision
-from gemma_lowmem.loss import sft_loss
+from gemma_lowmem.loss import sft_loss, token_losses
 from gemma_lowmem.memory import BudgetTooSmall
 from gemma_lowmem.model import add_lora
 from gemma_lowmem.train import FitResult, backward_window, fit, lr_factor, more_splits, split_rows
@@ -92,6 +92,22 @@ def test_chunked_loss_matches_full_logits(name):
     torch.testing.assert_close(values[0][0], values[1][0], rtol=1e-5, atol=1e-5)
     for key in values[0][1]:
         torch.testing.assert_close(values[0][1][key], values[1][1][key], rtol=1e-4, atol=1e-5)
+
+
+def test_loss_weights_give_the_weighted_mean_objective():
+    data = examples(3, seed=4)
+    # The answer's 9s count three times (as a rubric's score tokens would with score_loss_weight=3).
+    weighted = [{**e, "loss_weights": [3 if t == 9 else 1 for t in e["input_ids"]]} for e in data]
+    batch = collate([[e] for e in weighted], pad_id=0, packed=False)
+    plain = collate([[e] for e in data], pad_id=0, packed=False)
+    model = lora_model("gemma3")
+    with torch.no_grad():
+        per_token = token_losses(model, plain)  # (B, T-1), unweighted, 0 where no label
+        weights = batch["loss_weights"][:, 1:] * (batch["labels"][:, 1:] != -100)
+        expected = (per_token * weights).sum() / weights.sum()
+        torch.testing.assert_close(sft_loss(model, batch) / batch["num_loss_tokens"], expected)
+        assert batch["num_loss_tokens"] > plain["num_loss_tokens"]  # the weights did count
+        assert not torch.isclose(expected, sft_loss(model, plain) / plain["num_loss_tokens"])
 
 
 def test_accumulation_split_does_not_change_gradients():

@@ -51,7 +51,8 @@ def collate(
         PACKED_SDPA also ``document_runs``, per row the ``(document id, length)`` runs as a tuple on the host
         (:func:`~gemma_lowmem.data.packing.document_runs`);
         ``num_loss_tokens``: count of ``labels[:, 1:] != -100`` and ``num_tokens``: count of non-pad tokens, both 0-dim
-        long tensors.
+        long tensors. When an example has ``loss_weights`` the batch has them too, (B, T) long (1 where an example
+        has none), and ``num_loss_tokens`` is their sum over the loss tokens: the loop's mean is then weighted.
     """
     if not rows:
         raise ValueError("collate needs at least one row")
@@ -73,11 +74,16 @@ def collate(
 
     input_ids = torch.full((len(rows), total), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(rows), total), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    weighted = any("loss_weights" in ex for row in rows for ex in row)
+    weights = torch.ones((len(rows), total), dtype=torch.long) if weighted else None  # (B, T)
     for b, row in enumerate(rows):
         ids = [t for ex in row for t in ex["input_ids"]]
         labs = [t for ex in row for t in [IGNORE_INDEX, *ex["labels"][1:]]]  # no loss across a document boundary
         input_ids[b, : row_lengths[b]] = torch.tensor(ids, dtype=torch.long)
         labels[b, : row_lengths[b]] = torch.tensor(labs, dtype=torch.long)
+        if weights is not None:
+            row_weights = [w for ex in row for w in ex.get("loss_weights", [1] * len(ex["input_ids"]))]
+            weights[b, : row_lengths[b]] = torch.tensor(row_weights, dtype=torch.long)
 
     batch: dict[str, torch.Tensor | dict[str, torch.Tensor]] = {"input_ids": input_ids, "labels": labels}
     if packed and sliding_window is None:
@@ -96,7 +102,11 @@ def collate(
             batch["document_runs"] = document_runs(doc_lengths, total)
     else:
         batch["attention_mask"] = (torch.arange(total)[None, :] < torch.tensor(row_lengths)[:, None]).long()
-    batch["num_loss_tokens"] = (labels[:, 1:] != IGNORE_INDEX).sum()
+    counted = (labels[:, 1:] != IGNORE_INDEX).long()  # (B, T-1)
+    if weights is not None:
+        batch["loss_weights"] = weights
+        counted = counted * weights[:, 1:]  # a token of weight w counts as w loss tokens
+    batch["num_loss_tokens"] = counted.sum()
     batch["num_tokens"] = torch.tensor(sum(row_lengths), dtype=torch.long)
     return batch
 

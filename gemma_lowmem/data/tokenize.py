@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +66,30 @@ def split_prompt_answer(tokenizer: Any, messages: list[Message], system_role: bo
     return prompt, full[len(prompt) :]
 
 
-def encode_messages(tokenizer: Any, messages: list[Message], system_role: bool = False) -> dict[str, list[int]]:
-    """One conversation -> ``input_ids`` and ``labels`` (-100 everywhere but the final answer)."""
+def encode_messages(tokenizer: Any, messages: list[Message], system_role: bool = False,
+                    answer_weights: list[tuple[int, int, int]] = ()) -> dict[str, list[int]]:
+    """One conversation -> ``input_ids`` and ``labels`` (-100 everywhere but the final answer).
+
+    With ``answer_weights`` (see :class:`~gemma_lowmem.data.conversation.Conversation`) the example also gets
+    ``loss_weights``: per token, how many times its loss counts (a token that overlaps a span takes its weight).
+    """
     prompt, answer = split_prompt_answer(tokenizer, messages, system_role)
     # The rendered text already holds <bos>: no second one from the tokenizer.
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
+    encoded = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=bool(answer_weights))
+    answer_ids = encoded["input_ids"]
+    example = {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
+    if answer_weights:
+        start = answer.find(messages[-1]["content"])  # where the content begins in the rendered answer
+        if start < 0:
+            raise ValueError("the chat template changes the answer's text: its weighted spans cannot be placed")
+        weights = [1] * len(answer_ids)
+        for i, (a, b) in enumerate(encoded["offset_mapping"]):
+            for lo, hi, weight in answer_weights:
+                if a < start + hi and start + lo < b:
+                    weights[i] = weight
+        example["loss_weights"] = [1] * len(prompt_ids) + weights
+    return example
 
 
 @dataclass
@@ -87,7 +104,7 @@ class EncodedSet:
 
 
 def _encode_fitting(tokenizer: Any, conv: Conversation, max_len: int, system_role: bool) -> tuple[dict | None, bool]:
-    example = encode_messages(tokenizer, conv.messages, system_role)
+    example = encode_messages(tokenizer, conv.messages, system_role, conv.answer_weights)
     if not example["labels"] or all(t == IGNORE_INDEX for t in example["labels"]):
         raise UserError("a conversation's answer tokenized to nothing; check the data's answer text")
     original = cut = conv.cut
@@ -101,8 +118,8 @@ def _encode_fitting(tokenizer: Any, conv: Conversation, max_len: int, system_rol
         keep = max(0.0, (cut_tokens - overflow - 8) / max(cut_tokens, 1))
         shorter = cut_at_sentence_end(cut, int(len(cut) * keep))
         messages = [{**m, "content": m["content"].replace(cut, shorter, 1)} for m in conv.messages]
-        conv, cut = Conversation(messages, shorter, conv.meta), shorter
-        example = encode_messages(tokenizer, conv.messages, system_role)
+        conv, cut = replace(conv, messages=messages, cut=shorter), shorter  # the answer (and its weights) stays
+        example = encode_messages(tokenizer, conv.messages, system_role, conv.answer_weights)
     return (example, True) if len(example["input_ids"]) <= max_len else (None, False)
 
 
@@ -114,11 +131,11 @@ def _cache_key(tokenizer: Any, conversations: list[Conversation], max_len: int, 
         getattr(tokenizer, "chat_template", None) or "",
         max_len,
         system_role,
-        2,
+        3,
     ]  # the last item versions this file's encoding: a change to the tokens or the cuts it makes bumps it
     digest.update(json.dumps(header).encode())
     for conv in conversations:
-        digest.update(json.dumps([conv.messages, conv.cut], ensure_ascii=False).encode())
+        digest.update(json.dumps([conv.messages, conv.cut, conv.answer_weights], ensure_ascii=False).encode())
     return digest.hexdigest()[:20]
 
 

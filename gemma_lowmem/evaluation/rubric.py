@@ -273,6 +273,19 @@ def render_rubric(
     lang: str = "ko",
     spec: RubricSpec = SUMMARY_RUBRIC,
 ) -> str:
+    """Write a rubric answer in the training format; see :func:`render_rubric_spans`, which also says where its
+    scores are."""
+    return render_rubric_spans(scores, feedback, suggestions, comments, lang, spec)[0]
+
+
+def render_rubric_spans(
+    scores: dict[str, int],
+    feedback: str,
+    suggestions: str,
+    comments: dict[str, str],
+    lang: str = "ko",
+    spec: RubricSpec = SUMMARY_RUBRIC,
+) -> tuple[str, list[tuple[int, int]]]:
     """Write a rubric answer in the training format (:func:`rubric_template`); the total is the sum of the scores.
 
     Args:
@@ -285,7 +298,8 @@ def render_rubric(
         spec: the rubric.
 
     Returns:
-        The answer text, without a trailing newline.
+        The answer text, without a trailing newline, and the ``(start, end)`` character span of each score in it
+        (the total first, then the criteria in the spec's order).
 
     Raises:
         ValueError: a criterion is missing or unknown, or a score is not a whole number within its range.
@@ -297,18 +311,21 @@ def render_rubric(
                          f"and {sorted(comments)}")
     values = {key: _check_score(key, scores[key], spec.criteria[key][0]) for key in keys}
     values["total"] = sum(values.values())
-    out = []
+    out: list[str] = []
+    spans, length = [], 0
     for part in template:
         if isinstance(part, str):
             out.append(part)
         elif part.kind == "score":
             out.append(str(values[part.key]))
+            spans.append((length, length + len(out[-1])))
         elif part.kind == "comment":
             comment = " ".join((comments.get(part.key) or "").split())
             out.append(f" - {comment}" if comment else "")
         else:
             out.append((feedback if part.kind == "feedback" else suggestions).strip())
-    return "".join(out)
+        length += len(out[-1])
+    return "".join(out), spans
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from gemma_lowmem.data.conversation import Conversation, Message
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.evaluation.metrics import agreement
 from gemma_lowmem.evaluation.rouge import rouge_pair, rouge_scores
-from gemma_lowmem.evaluation.rubric import CRITERIA, MAX_TOTAL, SUMMARY_RUBRIC, parse_rubric, render_rubric
+from gemma_lowmem.evaluation.rubric import CRITERIA, MAX_TOTAL, SUMMARY_RUBRIC, parse_rubric, render_rubric_spans
 from gemma_lowmem.tasks import Task
 from gemma_lowmem.tasks.sources import HubSet, LoadedRows, MissingField, Row, load_rows
 from gemma_lowmem.tasks.student_summaries import (
@@ -545,7 +545,7 @@ def assign_kinds(n: int, seed: int) -> list[str]:
 
 def build_conversation(record: dict[str, Any], other_record: dict[str, Any] | None, lang: str,
                        rng_or_seed: random.Random | int, kind: str | None = None,
-                       show_reference: bool = True) -> Conversation:
+                       show_reference: bool = True, score_loss_weight: int = 1) -> Conversation:
     """One training conversation: article, student summary, evaluation request, target rubric.
 
     Args:
@@ -556,6 +556,8 @@ def build_conversation(record: dict[str, Any], other_record: dict[str, Any] | No
         kind: the summary kind (None: drawn from the generator).
         show_reference: the evaluation request shows the reference; False: the grader sees the article alone
             (the target is the same: the scores measure the summary against the reference either way).
+        score_loss_weight: how many times each token of the answer's scores counts in the loss
+            (``Conversation.answer_weights``; 1: as every other token).
 
     Returns:
         The conversation; ``cut`` is the article; ``meta`` holds kind, scores (with total), id, lang and edits.
@@ -569,15 +571,16 @@ def build_conversation(record: dict[str, Any], other_record: dict[str, Any] | No
     summary = make_student_summary(kind, article, reference, other, rng, article_lang)
     scores, facts = score_summary(summary, article, reference)
     feedback, suggestions, comments = write_feedback(summary, reference, scores, facts, lang)
-    answer = render_rubric({key: scores[key] for key in CRITERIA}, feedback, suggestions, comments, lang)
+    answer, spans = render_rubric_spans({key: scores[key] for key in CRITERIA}, feedback, suggestions, comments, lang)
     messages = evaluation_prompt(article, summary.text, reference if show_reference else None, lang)
     messages.append({"role": "assistant", "content": answer})
     meta = {"kind": kind, "scores": scores, "id": record.get("id"), "lang": lang, "edits": summary.edits}
-    return Conversation(messages=messages, cut=article, meta=meta)
+    weights = [(a, b, score_loss_weight) for a, b in spans] if score_loss_weight != 1 else []
+    return Conversation(messages=messages, cut=article, meta=meta, answer_weights=weights)
 
 
 def build_conversations(records: list[dict[str, Any]], lang: str, seed: int,
-                        no_reference_share: float = 0.0) -> list[Conversation]:
+                        no_reference_share: float = 0.0, score_loss_weight: int = 1) -> list[Conversation]:
     """Conversations for a list of rows, kinds assigned by :func:`assign_kinds`.
 
     Args:
@@ -585,6 +588,7 @@ def build_conversations(records: list[dict[str, Any]], lang: str, seed: int,
         lang: prompt and feedback language.
         seed: the seed; each row's summary depends only on the seed, its kind and its article.
         no_reference_share: this share of the rows (a seeded draw) asks to grade without the reference.
+        score_loss_weight: as in :func:`build_conversation`.
 
     Returns:
         One conversation per row, in order; the off-topic summary of row ``i`` is the reference of row
@@ -598,7 +602,8 @@ def build_conversations(records: list[dict[str, Any]], lang: str, seed: int,
         other = records[(i + max(1, n // 2)) % n] if n > 1 else None
         if other is not None and other["article"] == record["article"]:
             other = None
-        out.append(build_conversation(record, other, lang, seed, kind=kind, show_reference=i not in hidden))
+        out.append(build_conversation(record, other, lang, seed, kind=kind, show_reference=i not in hidden,
+                                      score_loss_weight=score_loss_weight))
     return out
 
 
@@ -614,9 +619,9 @@ def build_datasets(cfg: DataConfig, seed: int) -> tuple[list[Conversation], list
     """
     data = load_data(cfg)
     log.info("%s: %d training rows, %d validation rows", data.source, len(data.train), len(data.val))
-    share = cfg.no_reference_share
-    return (build_conversations(data.train, cfg.lang, seed, share),
-            build_conversations(data.val, cfg.lang, seed, share))
+    settings = {"no_reference_share": cfg.no_reference_share, "score_loss_weight": cfg.score_loss_weight}
+    return (build_conversations(data.train, cfg.lang, seed, **settings),
+            build_conversations(data.val, cfg.lang, seed, **settings))
 
 
 def summary_statistics(conversations: list[Conversation]) -> dict[str, Any]:

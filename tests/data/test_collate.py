@@ -128,6 +128,15 @@ def forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
                  position_ids=batch.get("position_ids"), use_cache=False).logits
 
 
+def test_loss_weights_ride_along_packed_and_count_in_num_loss_tokens() -> None:
+    a = {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "loss_weights": [1, 1, 4]}
+    b = {"input_ids": [8, 9], "labels": [8, 9]}  # no weights: each token once
+    batch = collate([[a, b]], pad_id=0, packed=True, sliding_window=2)
+    assert batch["loss_weights"].tolist() == [[1, 1, 4, 1, 1]]
+    assert batch["num_loss_tokens"].item() == 1 + 4 + 1  # labels 6, 7 (x4) and 9; b's first label never counts
+    assert "loss_weights" not in collate([[b]], pad_id=0, packed=True, sliding_window=2)
+
+
 register()  # the tiny models below are built with attn_implementation=PACKED_SDPA
 MODELS = {"gemma3": tiny_gemma3, "gemma3n": tiny_gemma3n}
 CASES = [(name, impl) for name in MODELS for impl in ("sdpa", "eager", PACKED_SDPA)]

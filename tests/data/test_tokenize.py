@@ -60,6 +60,22 @@ def test_only_the_last_answer_carries_loss(template):
     assert example["input_ids"].count(tokenizer.bos_token_id) == 1
 
 
+@pytest.mark.parametrize("template", [None, TEMPLATE], ids=["gemma-turns", "chat-template"])
+def test_answer_weights_mark_the_tokens_of_their_spans(template):
+    tokenizer = tiny_tokenizer(template)
+    answer = MESSAGES[-1]["content"]  # "Total: 90/100"
+    start = answer.index("90")
+    example = encode_messages(tokenizer, MESSAGES, answer_weights=[(start, start + 2, 5)])
+    assert len(example["loss_weights"]) == len(example["input_ids"])
+    weighted = [t for t, w in zip(example["input_ids"], example["loss_weights"]) if w == 5]
+    assert weighted and tokenizer.decode(weighted).strip() == "90"
+    assert set(example["loss_weights"]) == {1, 5}
+    assert "loss_weights" not in encode_messages(tokenizer, MESSAGES)  # unweighted examples stay as they were
+    conversation = Conversation(MESSAGES, answer_weights=[(start, start + 2, 5)])
+    encoded = encode_conversations(tokenizer, [conversation], 512).examples[0]
+    assert encoded["loss_weights"] == example["loss_weights"]
+
+
 def test_system_role_kept_when_the_template_has_one():
     tokenizer = tiny_tokenizer(TEMPLATE)
     assert "<|system|>" in render(tokenizer, MESSAGES, add_generation_prompt=False, system_role=True)

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from gemma_lowmem.evaluation import CRITERIA, MAX_TOTAL, RubricResult, parse_rubric, render_rubric
-from gemma_lowmem.evaluation.rubric import SECTION_HEADINGS, SUMMARY_RUBRIC, RubricSpec
+from gemma_lowmem.evaluation.rubric import SECTION_HEADINGS, SUMMARY_RUBRIC, RubricSpec, render_rubric_spans
+from gemma_lowmem.tasks.essay_rubric import ESSAY_RUBRIC
 
 KEYS = list(CRITERIA)
 MAXES = {k: v[0] for k, v in CRITERIA.items()}
@@ -621,3 +622,13 @@ def test_spec_is_read_only() -> None:
     with pytest.raises(AttributeError):
         SUMMARY_RUBRIC.max_total = 90  # type: ignore[misc]
     assert CRITERIA is SUMMARY_RUBRIC.criteria and MAX_TOTAL == SUMMARY_RUBRIC.max_total
+
+
+@pytest.mark.parametrize("lang", ["ko", "en"])
+@pytest.mark.parametrize("spec", [SUMMARY_RUBRIC, ESSAY_RUBRIC], ids=["summary", "essay"])
+def test_render_rubric_spans_point_at_the_scores(spec, lang):
+    scores = {key: maximum - i for i, (key, (maximum, _, _)) in enumerate(spec.criteria.items())}
+    comments = dict.fromkeys(spec.criteria, "A comment with 12 numbers 3.")
+    text, spans = render_rubric_spans(scores, "Feedback 40.", "- Do 2 things.", comments, lang, spec)
+    assert text == render_rubric(scores, "Feedback 40.", "- Do 2 things.", comments, lang, spec)
+    assert [text[a:b] for a, b in spans] == [str(sum(scores.values())), *map(str, scores.values())]

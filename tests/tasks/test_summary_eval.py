@@ -216,6 +216,19 @@ def test_target_parses_back_to_the_same_numbers(lang):
         assert parsed.feedback and parsed.suggestions.startswith("- ")
 
 
+def test_score_loss_weight_marks_the_scores_of_the_answer():
+    plain = build_conversations(ENGLISH[:4], "en", seed=2)
+    weighted = build_conversations(ENGLISH[:4], "en", seed=2, score_loss_weight=5)
+    assert all(c.answer_weights == [] for c in plain)
+    for a, b in zip(plain, weighted):
+        assert a.messages == b.messages  # the same conversation: only what the loss counts changes
+        answer, scores = b.messages[-1]["content"], b.meta["scores"]
+        assert [answer[lo:hi] for lo, hi, _ in b.answer_weights] == [str(scores[k]) for k in ("total", *CRITERIA)]
+        assert {w for _, _, w in b.answer_weights} == {5}
+    train, _ = summary_eval.build_datasets(DataConfig(demo=True, lang="en", score_loss_weight=5), seed=0)
+    assert all(len(c.answer_weights) == 1 + len(CRITERIA) for c in train)
+
+
 def test_korean_articles_give_every_kind_and_korean_feedback():
     by_kind = _all_kinds(KOREAN, "ko")
     for kind, convs in by_kind.items():
