@@ -21,6 +21,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,29 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """One row per (system, mode): valid rate, agreement of the total (integer scores and, guided, expected
+    ones), mean predicted total per summary kind, whether the kinds' order holds, seconds per summary."""
+    kinds = [k for group in KIND_ORDER for k in group]
+    head = ["system", "mode", "valid", "total MAE", "Spearman", "QWK", "expected MAE", "expected Spearman",
+            *kinds, "order", "s/summary"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for system, modes in results.get("systems", {}).items():
+        for mode, part in modes.items():
+            total, expected = part["agreement"]["total"], (part.get("expected_agreement") or {}).get("total", {})
+            by_kind = [part["by_kind"].get(k, {}).get("predicted_mean") for k in kinds]
+            cells = [system, mode, _fmt(part["valid_rate"]), _fmt(total["mae"], 1), _fmt(total["spearman"]),
+                     _fmt(total["qwk"]), _fmt(expected.get("mae"), 1), _fmt(expected.get("spearman")),
+                     *(_fmt(v, 1) for v in by_kind), str(part["kind_order_holds"]),
+                     _fmt(part["seconds_per_summary"], 1)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-file", type=Path, default=DATA, help="JSONL with article, highlights, id")
@@ -99,12 +123,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="share of training conversations that ask to grade without the reference")
     parser.add_argument("--score-loss-weight", type=int, default=1,
                         help="each score token counts this many times in the loss (data.score_loss_weight)")
+    parser.add_argument("--without-reference", action="store_true",
+                        help="grade the evaluation rows with the reference left out of every request (results "
+                        "under '<mode>-noref'): how much the evaluator leans on the reference")
     parser.add_argument("--systems", nargs="+", choices=("base", "adapter"), default=["base", "adapter"],
                         help="what to grade (the base model's grades depend only on the evaluation rows)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--max-new-tokens", type=int, default=384, help="free mode's longest answer")
     parser.add_argument("--batch-size", type=int, default=4, help="summaries per generation batch")
     parser.add_argument("--lang", default="ko", choices=("ko", "en"))
+    parser.add_argument("--table-only", action="store_true",
+                        help="print the Markdown table of an existing result JSON (--out or the default) and stop")
     parser.add_argument("--out", type=Path, help="result JSON (default: benchmarks/results/evaluator_quality-K<K>"
                         "-M<M>.json; its run folder next to it keeps the adapter)")
     args = parser.parse_args(argv)
@@ -112,6 +141,11 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--data-file {args.data_file}: no such file (the shared data lives in ../shared/data)")
     weight = f"-w{args.score_loss_weight}" if args.score_loss_weight != 1 else ""
     out = args.out or RESULTS / f"evaluator_quality-K{args.train_rows}-M{args.eval_rows}{weight}.json"
+    if args.table_only:
+        if not out.is_file():
+            raise UserError(f"{out}: no result JSON yet; run without --table-only first")
+        print(markdown_table(json.loads(out.read_text(encoding="utf-8"))))
+        return
     run_dir = out.with_suffix("")
     train_file, eval_file = _split(args.data_file, args.train_rows, args.eval_rows, run_dir / "data")
     cfg = RunConfig(
@@ -136,7 +170,10 @@ def main(argv: list[str] | None = None) -> None:
                                "final_loss": fit.final_loss, "best_val_loss": fit.best_val_loss}
         _write_json(out, results)
     task = get_task("summary_eval")
-    conversations = task.validation_conversations(cfg.data, cfg.train.seed)  # the eval rows, as training saw them
+    # The eval rows as training built them (the same kinds and targets); without the reference if asked.
+    eval_data = replace(cfg.data, no_reference_share=1.0) if args.without_reference else cfg.data
+    conversations = task.validation_conversations(eval_data, cfg.train.seed)
+    suffix = "-noref" if args.without_reference else ""
     device = default_device()
     tokenizer = load_tokenizer(resolve_model_path(args.model))
     model = load_adapter(load_base_model(cfg.model, device, cfg.train.precision), adapter)
@@ -144,21 +181,20 @@ def main(argv: list[str] | None = None) -> None:
     systems = results.setdefault("systems", {})
     for system in args.systems:
         for mode in args.modes:
-            if mode in systems.get(system, {}):
+            if mode + suffix in systems.get(system, {}):
                 continue  # done in an earlier, cut run
-            print(f"grading {len(conversations)} summaries: {system}, {mode}", flush=True)
+            print(f"grading {len(conversations)} summaries: {system}, {mode}{suffix}", flush=True)
             with model.disable_adapter() if system == "base" else contextlib.nullcontext():
                 result = answer_and_score(model, tokenizer, conversations, task.score_outputs, rubric=task.rubric,
                                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                           system_role=cfg.model.system_role, mode=mode, autocast=autocast)
-            systems.setdefault(system, {})[mode] = _summary(result)
+            systems.setdefault(system, {})[mode + suffix] = _summary(result)
             _write_json(out, results)
-            part = systems[system][mode]
+            part = systems[system][mode + suffix]
             print(f"  valid {part['valid_rate']:.2f}, total MAE {part['agreement']['total']['mae']}, Spearman "
                   f"{part['agreement']['total']['spearman']}, {part['seconds_per_summary']:.1f} s/summary, kind "
                   f"order {part['kind_order_holds']}", flush=True)
-    totals = {f"{s}/{m}": systems[s][m]["agreement"]["total"]["spearman"] for s in systems for m in systems[s]}
-    print(f"{out}: Spearman(total) " + ", ".join(f"{k} {v}" for k, v in totals.items()))
+    print(f"{out}\n{markdown_table(results)}")
 
 
 def _ids(path: Path) -> list[str]:

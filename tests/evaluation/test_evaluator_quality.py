@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import evaluator_quality  # noqa: E402
 
 
-def test_smoke_trains_grades_and_resumes(tmp_path, monkeypatch):
+def test_smoke_trains_grades_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("gemma_lowmem.evaluation.guided.SLOT_TOKENS", {"comment": 2, "feedback": 2, "suggestions": 2})
     model_dir = tmp_path / "tiny"
     tiny_gemma3().save_pretrained(model_dir)
@@ -32,4 +32,12 @@ def test_smoke_trains_grades_and_resumes(tmp_path, monkeypatch):
         assert scores["valid_rate"] == 1.0 and scores["agreement"]["total"]["n_valid"] == 4
         assert set(scores["expected_agreement"]) >= {"total", "coverage"} and scores["seconds_per_summary"] > 0
     evaluator_quality.main(argv)  # everything is there: no training, no grading again
+    evaluator_quality.main([*argv, "--without-reference", "--systems", "adapter", "--modes", "scores"])
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert set(result["systems"]["adapter"]) == {"scores", "free", "scores-noref"}
+    assert result["systems"]["adapter"]["scores-noref"]["valid_rate"] == 1.0
+    capsys.readouterr()
+    evaluator_quality.main([*argv, "--table-only"])
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].startswith("| system | mode | valid |") and sum("| adapter | scores" in t for t in table) == 2
     assert json.loads(out.read_text(encoding="utf-8"))["systems"] == result["systems"]
