@@ -8,13 +8,11 @@ summary-level (per document over its summaries, then the mean over documents; se
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 
 from gemma_lowmem.evaluation.answers import EXAMPLES, generate_answers, prompt_excerpt
-from gemma_lowmem.evaluation.generate import Autocast
 from gemma_lowmem.evaluation.human import HUMAN_DIMENSIONS, Judgment, correlation_matrix
 from gemma_lowmem.evaluation.rouge import rouge_pair
 from gemma_lowmem.evaluation.rubric import CRITERIA, SUMMARY_RUBRIC
@@ -52,14 +50,8 @@ def grade_rated_summaries(
     *,
     lang: str,
     max_article_length: int,
-    max_new_tokens: int,
-    batch_size: int,
-    system_role: bool,
-    show_progress: bool = True,
     examples: int = EXAMPLES,
-    mode: str = "guided",
-    autocast: Autocast = contextlib.nullcontext,
-    memory_budget: int | None = None,
+    **decoding: Any,
 ) -> dict[str, Any]:
     """Grade each rated summary with the rubric evaluator and correlate its scores with the human ratings.
 
@@ -72,14 +64,9 @@ def grade_rated_summaries(
         judgments: the rated summaries (see :func:`~gemma_lowmem.evaluation.human.read_judgments`).
         lang: prompt language, ``"ko"`` or ``"en"``.
         max_article_length: articles are cut to this many characters at a sentence end, as in training.
-        max_new_tokens: longest answer in tokens.
-        batch_size: prompts per generation batch.
-        system_role: as the model was trained.
-        show_progress: show a progress bar.
         examples: how many examples to keep for the report.
-        mode: ``guided``, ``scores`` or ``free``.
-        autocast: zero-argument callable returning the context manager of every forward.
-        memory_budget: as in :func:`~gemma_lowmem.evaluation.answers.generate_answers`.
+        **decoding: how to decode, as :func:`~gemma_lowmem.evaluation.answers.generate_answers` takes it
+            (``max_new_tokens``, ``batch_size``, ``system_role``, ``mode``, ``autocast``, ...).
 
     Returns:
         One system's report part: ``n``, ``metrics`` (``valid_rate``, ``documents``, ``pairs``: criterion ~ its
@@ -89,10 +76,8 @@ def grade_rated_summaries(
     """
     messages = [evaluation_prompt(cut_at_sentence_end(j.article, max_article_length), j.summary, j.reference, lang)
                 for j in judgments]
-    prompts, answers, stats = generate_answers(model, tokenizer, messages, max_new_tokens=max_new_tokens,
-                                               batch_size=batch_size, system_role=system_role,
-                                               show_progress=show_progress, mode=mode, rubric=SUMMARY_RUBRIC,
-                                               lang=lang, autocast=autocast, memory_budget=memory_budget)
+    prompts, answers, stats = generate_answers(model, tokenizer, messages, rubric=SUMMARY_RUBRIC, lang=lang,
+                                               **decoding)
     outputs = [a.text for a in answers]
     parsed = [a.result for a in answers]
     scores = {key: [p.scores[key] if p.valid else None for p in parsed] for key in CRITERIA}
