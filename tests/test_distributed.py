@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from gemma_lowmem.config import TrainConfig
-from gemma_lowmem.distributed import current_ranks, init_distributed
+from gemma_lowmem.distributed import close_distributed, current_ranks, init_distributed
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.loss import sft_loss
 from gemma_lowmem.tasks.summary_eval import DEMO_FILE
@@ -73,6 +73,9 @@ def worker(out: Path) -> None:
         results[name] = {"stopped": result.stopped, "steps": result.steps, "tokens": result.tokens,
                          "history": len(result.history)}
     (out / f"rank{ranks.rank}.json").write_text(json.dumps(results))
+    # Leave the group as scripts/train.py does: a gloo group still up at interpreter exit once ended a rank with
+    # "terminate called without an active exception" (exit code 134) after all its work was done.
+    close_distributed()
 
 
 def free_port() -> int:
