@@ -1,4 +1,4 @@
-"""Evaluation by generation: task-1 scoring of answers, evaluate_model on tiny models, the script end to end."""
+"""Evaluation by generation: task-1 scoring of answers, the evaluate script end to end."""
 
 import json
 import runpy
