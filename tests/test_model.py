@@ -84,6 +84,24 @@ def test_int8_layers_run_the_kernel_that_keeps_no_input_and_match_bitsandbytes(t
     assert any(isinstance(m, LoraLinear8bitLt) for m in model.modules())
 
 
+def test_moving_a_model_moves_each_int8_layers_row_scales_with_its_weight(tmp_path):
+    """``Module.to`` replaces only ``weight.data``: bitsandbytes' scales (``SCB``) and its int8 copy (``CB``) stayed
+    behind, and the first forward on a GPU failed with tensors on two devices (benchmarks/gpu_check.py on an H200,
+    which runs again with this). The CPU has no second device: the test replays the move with a copy."""
+    from gemma_lowmem.model import FrozenInt8Linear
+    from tests.tiny import tiny_gemma3
+
+    tiny_gemma3().save_pretrained(tmp_path)
+    base = load_base_model(ModelConfig(model=str(tmp_path), quant="int8", int8_embeddings=False), torch.device("cpu"))
+    layers = [m for m in base.modules() if isinstance(m, FrozenInt8Linear)]
+    assert layers and all(m.weight.CB.data_ptr() == m.weight.data_ptr() for m in layers)
+    # What a move to a GPU does to each parameter, on the CPU: a new tensor assigned to weight.data.
+    base._apply(lambda t: t.clone())
+    for layer in layers:
+        assert layer.weight.CB.data_ptr() == layer.weight.data_ptr()  # not the old tensor, alive on the old device
+        assert layer.weight.SCB.device == layer.weight.device
+
+
 def test_tied_embedding_and_head_as_int8_rows(tmp_path):
     """The tied embedding becomes one int8 table that the lookup and the head share (no float copy of either);
     logits stay within quantization error of the float model, and the chunked loss (vocabulary blocks) equals the
