@@ -183,7 +183,7 @@ def random_examples(count: int, length: int, vocab: int, answer_tokens: int, see
 def predict(args: argparse.Namespace, model_config=None) -> dict:
     """The planner's prediction for the measured setting: ``predicted_peak_gib`` and its breakdown."""
     from gemma_lowmem.config import LoraConfig
-    from gemma_lowmem.device import resolve_precision, weight_dtype
+    from gemma_lowmem.device import weight_dtype
     from gemma_lowmem.model import BUNDLED, resolve_model_path
 
     if model_config is None:
@@ -192,13 +192,12 @@ def predict(args: argparse.Namespace, model_config=None) -> dict:
         model_config = override_config(load_model_config(source), args.set)
     device = torch.device("cpu")
     dtype = weight_dtype(device, args.dtype)
-    act_dtype = resolve_precision(device, args.precision).dtype or torch.float32
     lora = LoraConfig()
     shape = describe_model(model_config, quant="int8", dtype_bytes=torch.finfo(dtype).bits // 8,
                            embeddings=args.embeddings, lora_r=lora.r, lora_targets=lora.target_modules)
     step = StepSpec(batch_size=args.batch_size, seq_len=args.tokens // args.batch_size,
                     gradient_checkpointing=not args.no_checkpointing, loss_chunk_size=args.loss_chunk,
-                    act_bytes=torch.finfo(act_dtype).bits // 8, packed=not args.no_packing)
+                    packed=not args.no_packing)
     breakdown = predict_peak(shape, step, "cpu")
     return {
         "predicted_peak_gib": round(sum(breakdown.values()) / GiB, 3),

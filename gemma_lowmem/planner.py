@@ -2,8 +2,8 @@
 
 The peak of one training step (:func:`predict_peak`; :func:`plan_memory` chooses with it) is a sum of parts, read
 off the model built on the meta device (no weights loaded). For a micro-batch of N = B x T tokens, activations
-of ``a`` bytes (4 on CPUs without native bf16, 2 under bf16/fp16 autocast), L layers, stream width S (H; 4 H for
-Gemma 3n's AltUp), MLP width I, vocabulary V and loss chunk C:
+of ``a`` = 4 bytes (under bf16/fp16 autocast too: "Half-precision activations" below), L layers, stream width S
+(H; 4 H for Gemma 3n's AltUp), MLP width I, vocabulary V and loss chunk C:
 
     frozen weights   int8 linears 1 B + an fp32 scale per row; nf4 0.5 B + 1/16 B; the rest in the weights' dtype;
                      big embedding tables (``embeddings``): row-wise int8, 1 B + a scale per row, for Gemma 3n's
@@ -11,7 +11,7 @@ Gemma 3n's AltUp), MLP width I, vocabulary V and loss chunk C:
                      memory-mapped (its scales alone resident)
     LoRA             16 B per parameter: fp32 weight, gradient, AdamW's two moments
     runtime          CPU: 0.489 GiB (Python, torch, transformers, peft, bitsandbytes through a whole fit);
-                     CUDA: 256 MiB of allocator slack (an assumption: no GPU to measure on)
+                     CUDA: 256 MiB of allocator slack (reserved over allocated: 0.24 GiB measured on an H200)
     model-level      N a x Gemma 3n's per-layer input width (L x 256), plus packed masks 2 B T^2
     checkpoints      N a L S: each layer's input
     the larger of    one layer's recompute and backward  N a (4.98 S + 15.8 I)
@@ -46,8 +46,23 @@ the full Gemma 3n E2B text model (``benchmarks/e2b_memory.py --warmup-tokens 128
 measured 8.087 GiB, predicted 8.170 (ratio 0.990); with the per-layer table memory-mapped (``--embeddings disk``)
 6.240 GiB, predicted 6.295 (0.991). Before ``kernels.int8_linear`` and the int8 head it was 13.539 (13.556).
 Without :func:`return_freed_memory_to_os` the 4-layer E2B-width run peaked at 1.927 GiB instead of 1.165.
-Not measured here: CUDA (reserved memory, allocator slack) and bf16 activations, whose upcast temporaries make
-the per-token constants only roughly halve.
+
+Half-precision activations: counted at 4 bytes per element like fp32, because the measured peaks under bf16
+autocast shrink far less than half (fp32 temporaries of the norms, softmax and loss, presumably: not broken down).
+Counting them at 2 bytes under-predicted four of these six measurements (ratio = measured / predicted):
+
+    bf16 autocast, bf16 weights                           tokens   measured GiB  at 2 B (ratio)  at 4 B (ratio)
+    CPU (AVX-512 bf16), E2B widths, V 4096, 2 layers        2048       1.587      1.382 (1.15)    2.096 (0.76)
+      ... 4 layers                                           512       1.149      0.995 (1.15)    1.190 (0.97)
+      ... 2 layers, no checkpointing                        1024       1.355      1.267 (1.07)    1.808 (0.75)
+    CPU, Gemma 3 270M config                             2 x 1024      1.216      1.301 (0.93)    1.350 (0.90)
+    H200 (``benchmarks/gpu_check.py``), full E2B text model  2048       7.545      6.313 (1.20)    7.93  (0.95)
+      ... per-layer table on the CPU (--embeddings-on-cpu)  2048       5.686      4.438 (1.28)    6.05  (0.94)
+
+(CPU: ``benchmarks/e2b_memory.py ... --precision bf16 --dtype bf16``, peak RSS; H200: peak reserved, 7.305 /
+5.429 GiB allocated, ``benchmarks/results/2026-12-04-gpu_check-h200.jsonl``.) None is over the 4-byte
+prediction. With the table on the GPU, E2B at 2048 tokens does not fit 8 GB: the
+planner then keeps the table on the CPU (:func:`plan_run`).
 """
 
 from __future__ import annotations
@@ -83,7 +98,8 @@ LORA_BYTES_PER_PARAM = 16
 
 # Calibrated constants (see the module docstring for the measurements behind them).
 CPU_RUNTIME_BYTES = int(0.489 * GiB)  # peak RSS of a whole fit() on a 1-layer hidden-64 model (see the table)
-CUDA_RUNTIME_BYTES = 256 * 2**20  # allocator slack over allocated memory: an assumption, not measured (no GPU)
+CUDA_RUNTIME_BYTES = 256 * 2**20  # allocator slack over allocated memory (0.24 GiB measured on an H200)
+ACT_BYTES = 4  # per activation element, under half-precision autocast too (see the module docstring)
 RECOMPUTE_STREAM = 4.98  # one layer's recompute + backward, elements per token per unit of stream width
 RECOMPUTE_INTERMEDIATE = 15.8  # ... per unit of MLP width
 LAYER_FULL_FACTOR = 0.82  # without checkpointing each layer keeps this fraction of one layer's recompute
@@ -139,7 +155,6 @@ class StepSpec:
         seq_len: tokens per row.
         gradient_checkpointing: recompute each layer in backward.
         loss_chunk_size: tokens per loss chunk (None: the loss's default).
-        act_bytes: bytes per activation element (the autocast dtype).
         packed: rows are packed (each carries two (B, 1, T, T) masks).
         task_factor: sequences through the policy per row (``Task.activation_factor``: 2.0 for preference pairs,
             chosen and rejected both keep activations; the reference pass runs without grad and keeps none).
@@ -149,7 +164,6 @@ class StepSpec:
     seq_len: int
     gradient_checkpointing: bool = True
     loss_chunk_size: int | None = None
-    act_bytes: int = 4
     packed: bool = True
     task_factor: float = 1.0
 
@@ -330,7 +344,7 @@ def default_loss_chunk(vocab: int) -> int:
 
 def _activation_bytes(shape: ModelShape, step: StepSpec) -> dict[str, float]:
     tokens = step.batch_size * step.seq_len * step.task_factor  # (B x T) rows of tokens through the policy
-    a = step.act_bytes
+    a = ACT_BYTES
     h = shape.hidden
     # (B, 1, T, T) bool masks, full + sliding
     masks = 2 * step.batch_size * step.seq_len * step.seq_len * step.task_factor if step.packed else 0
@@ -389,6 +403,8 @@ class MemoryPlan:
         budget: the budget in bytes.
         seq_len: tokens per row the plan was made for.
         load_peak: predicted peak of loading the model, bytes (:func:`predict_load_peak`; 0: not predicted).
+        embeddings_on_cpu: the plan keeps Gemma 3n's per-layer table on the CPU (the step did not fit the GPU's
+            budget with it there).
     """
 
     batch_size: int
@@ -400,6 +416,7 @@ class MemoryPlan:
     budget: int
     seq_len: int = 0
     load_peak: int = 0
+    embeddings_on_cpu: bool = False
 
     def table(self) -> str:
         """A readable table: each part of the predicted peak, the total against the budget, and the choices."""
@@ -417,16 +434,20 @@ class MemoryPlan:
             f"(global batch {self.batch_size * self.grad_accum} rows)",
             f"gradient checkpointing: {'on' if self.gradient_checkpointing else 'off'}; loss chunk: {chunk}",
         ]
+        if self.embeddings_on_cpu:
+            lines.append("per-layer embedding table: on the CPU (the step does not fit with it on the GPU)")
         return "\n".join(lines)
 
     def apply(self, cfg: RunConfig) -> RunConfig:
-        """A copy of ``cfg`` with the plan's batch size, accumulation, checkpointing and loss chunk."""
+        """A copy of ``cfg`` with the plan's batch size, accumulation, checkpointing, loss chunk and, where the plan
+        moved it, the per-layer table's place."""
         train = replace(
             cfg.train, batch_size=self.batch_size, grad_accum=self.grad_accum,
             gradient_checkpointing=self.gradient_checkpointing,
             loss_chunk_size=self.loss_chunk_size if cfg.train.chunked_loss else cfg.train.loss_chunk_size,
         )
-        return replace(cfg, train=train)
+        model = replace(cfg.model, embeddings_on_cpu=True) if self.embeddings_on_cpu else cfg.model
+        return replace(cfg, model=model, train=train)
 
 
 def plan_memory(
@@ -544,7 +565,7 @@ def plan_run(cfg: RunConfig, model_config: Any, device: torch.device, keep: Coll
     Raises:
         BudgetTooSmall: as :func:`plan_memory`.
     """
-    from gemma_lowmem.device import resolve_precision, weight_dtype
+    from gemma_lowmem.device import weight_dtype
 
     train = cfg.train
     seq = (train.pack_len or cfg.data.max_seq_length) if train.packing else cfg.data.max_seq_length
@@ -553,7 +574,6 @@ def plan_run(cfg: RunConfig, model_config: Any, device: torch.device, keep: Coll
         fixed.update(batch_size=train.batch_size, grad_accum=train.grad_accum)
     if not train.chunked_loss:  # the model's own loss: full logits of every position, as one "chunk"
         fixed["loss_chunk_size"] = train.batch_size * seq
-    autocast = resolve_precision(device, train.precision).dtype
     weights = weight_dtype(device, cfg.model.dtype, train.precision)
     shape = describe_model(model_config, quant=cfg.model.quant, dtype_bytes=weights.itemsize,
                            embeddings=embeddings_mode(cfg.model, device.type), lora_r=cfg.lora.r,
@@ -562,10 +582,18 @@ def plan_run(cfg: RunConfig, model_config: Any, device: torch.device, keep: Coll
         shape, device_type=device.type, load_bytes=load_dtype(model_config, weights).itemsize,
         tables_on_cpu=cfg.model.embeddings_on_cpu or cfg.model.embeddings_on_disk,
     ).values())
-    step = StepSpec(batch_size=1, seq_len=seq, act_bytes=torch.finfo(autocast).bits // 8 if autocast else 4,
-                    packed=train.packing, task_factor=activation_factor)
-    plan = plan_memory(shape, budget=train.max_mem, step=step, global_batch_tokens=train.batch_size
-                       * train.grad_accum * seq, device_type=device.type, fixed=fixed)
+    step = StepSpec(batch_size=1, seq_len=seq, packed=train.packing, task_factor=activation_factor)
+    try:
+        plan = plan_memory(shape, budget=train.max_mem, step=step, global_batch_tokens=train.batch_size
+                           * train.grad_accum * seq, device_type=device.type, fixed=fixed)
+    except BudgetTooSmall:
+        # Gemma 3n's per-layer table on the GPU (1.9 GiB for E2B) can be what breaks the budget (E2B, 2048 tokens,
+        # 8 GB: 7.545 GiB measured on an H200): then keep it on the CPU, where it is only ever gathered from.
+        if not (device.type == "cuda" and embeddings_mode(cfg.model, device.type) == "int8"
+                and shape.weight_bytes.get("per-layer embedding")):
+            raise
+        tables_off = replace(cfg, model=replace(cfg.model, embeddings_on_cpu=True))
+        return replace(plan_run(tables_off, model_config, device, keep, activation_factor), embeddings_on_cpu=True)
     if load > plan.budget:  # after the step's plan: a budget below the weights says so first
         raise BudgetTooSmall(
             f"--max-mem {train.max_mem}: loading {cfg.model.model} peaks at {format_size(load)} "

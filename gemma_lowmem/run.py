@@ -76,12 +76,15 @@ def writable_dir(folder: Path) -> Path:
 def plan_budget(model_path: str, cfg: RunConfig, device: torch.device, keep: Collection[str],
                 activation_factor: float = 1.0) -> RunConfig:
     """Fit the run into ``--max-mem``: the config with the planner's micro-batch, accumulation, checkpointing and
-    loss chunk (settings in ``keep`` stay as given); prints the plan. Stops before loading if the load cannot fit.
+    loss chunk (settings in ``keep`` stay as given) and, on a GPU, the per-layer table's place; prints the plan.
+    Stops before loading if the load cannot fit.
     ``activation_factor``: the task's (:class:`~gemma_lowmem.tasks.Task`)."""
     plan = plan_run(cfg, load_model_config(model_path), device, keep, activation_factor)
     planned = plan.apply(cfg)
     changed = [f"{name} {getattr(cfg.train, name)} -> {getattr(planned.train, name)}" for name in PLANNED
                if getattr(cfg.train, name) != getattr(planned.train, name)]
+    if planned.model.embeddings_on_cpu != cfg.model.embeddings_on_cpu:
+        changed.append("embeddings_on_cpu False -> True")
     print(f"memory plan for --max-mem {cfg.train.max_mem} on {device.type}"
           + (f" ({'; '.join(changed)})" if changed else "") + "\n" + plan.table())
     if device.type == "cpu" and plan.predicted_peak * GLIBC_RETAINED_FACTOR > plan.budget:

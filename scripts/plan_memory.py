@@ -68,7 +68,7 @@ def main() -> None:
             raise UserError(f"{flag}={value} must be > 0")
     device_type = (default_device().type if args.device == "auto" else args.device)
     weights_dtype, act_dtype = _dtypes(args.device, args.dtype, args.precision)
-    dtype_bytes, act_bytes = torch.finfo(weights_dtype).bits // 8, torch.finfo(act_dtype).bits // 8
+    dtype_bytes = torch.finfo(weights_dtype).bits // 8
     model_config = load_model_config(args.model)
     kw = dict(quant=args.quant, dtype_bytes=dtype_bytes, embeddings=args.embeddings,
               lora_r=args.lora_r, lora_targets=args.lora_target_modules)
@@ -77,8 +77,7 @@ def main() -> None:
           f"frozen weights {sum(shape.weight_bytes.values()) / GiB:.2f} GiB ({args.quant}, "
           f"{str(weights_dtype).removeprefix('torch.')} otherwise); LoRA {shape.lora_params:,} parameters; "
           f"{device_type}, activations {str(act_dtype).removeprefix('torch.')}")
-    step = StepSpec(batch_size=1, seq_len=args.max_seq_length, act_bytes=act_bytes,
-                    task_factor=get_task(args.task).activation_factor)
+    step = StepSpec(batch_size=1, seq_len=args.max_seq_length, task_factor=get_task(args.task).activation_factor)
     plan = plan_memory(shape, budget=args.max_mem, step=step, device_type=device_type,
                        global_batch_tokens=args.global_batch_tokens or 8 * args.max_seq_length)
     print(plan.table())
