@@ -283,17 +283,17 @@ def use_int8_kernels(model: torch.nn.Module) -> None:
             module.__class__ = FrozenInt8Linear
 
 
-def _quantization_config(quant: str, compute_dtype: torch.dtype, big_tables: Sequence[str] = ()
-                         ) -> BitsAndBytesConfig | None:
+def _quantization_config(quant: str, compute_dtype: torch.dtype, big_tables: Sequence[str] = (),
+                         cpu_offload: bool = False) -> BitsAndBytesConfig | None:
     # The big tables by full name too: bitsandbytes refuses a device map that puts modules it would quantize on the
     # CPU, and it checks the map's names against this list.
-    # And the offload flag: without it transformers refuses any device map that names the CPU beside a GPU, skipped
-    # modules or not (seen on an H200); the tables are quantized by us on their final device right after loading.
+    # ``cpu_offload`` when the device map puts the tables on the CPU beside a GPU: without the flag transformers
+    # refuses such a map, skipped modules or not (seen on an H200). Never for a CPU-only map: the flag leaves every
+    # module the map puts on the CPU unquantized, which there is all of them.
     skip = [*INT8_SKIP_MODULES, *big_tables]
-    offload = bool(big_tables)
     if quant == "int8":
         return BitsAndBytesConfig(
-            load_in_8bit=True, llm_int8_skip_modules=skip, llm_int8_enable_fp32_cpu_offload=offload
+            load_in_8bit=True, llm_int8_skip_modules=skip, llm_int8_enable_fp32_cpu_offload=cpu_offload
         )
     if quant == "nf4":
         return BitsAndBytesConfig(
@@ -301,7 +301,7 @@ def _quantization_config(quant: str, compute_dtype: torch.dtype, big_tables: Seq
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=compute_dtype,
             llm_int8_skip_modules=skip,
-            llm_int8_enable_fp32_cpu_offload=offload,
+            llm_int8_enable_fp32_cpu_offload=cpu_offload,
         )
     return None
 
@@ -377,9 +377,10 @@ def load_base_model(cfg: ModelConfig, device: torch.device, precision: str = "au
     kwargs = _text_only(path)
     config = kwargs["config"]
     tables = _big_tables(config, bool(getattr(config, "tie_word_embeddings", False))) if cfg.int8_embeddings else []
-    quant = _quantization_config(cfg.quant, dtype, tables)
+    device_map = device_map_for(device, tables)
+    quant = _quantization_config(cfg.quant, dtype, tables, cpu_offload=len(set(device_map.values())) > 1)
     if quant is not None:
-        kwargs.update(quantization_config=quant, device_map=device_map_for(device, tables))
+        kwargs.update(quantization_config=quant, device_map=device_map)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=load_dtype(config, dtype), attn_implementation=cfg.attn_implementation, **kwargs

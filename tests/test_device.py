@@ -77,7 +77,8 @@ def test_on_a_gpu_the_big_tables_load_onto_the_cpu_first():
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
 def test_transformers_accepts_the_map_that_puts_the_tables_on_the_cpu(quant):
     """transformers refuses a device map naming the CPU beside a GPU unless the config allows CPU offload, skipped
-    modules or not: on a real GPU every int8 load with int8 embeddings stopped here."""
+    modules or not: on a real GPU every int8 load with int8 embeddings stopped here. (On the CPU the flag must stay
+    off: it leaves every CPU-mapped module unquantized; test_model checks that CPU loads are int8.)"""
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
     from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
 
@@ -85,7 +86,7 @@ def test_transformers_accepts_the_map_that_puts_the_tables_on_the_cpu(quant):
 
     tables = ["model.embed_tokens"]
     quantizer = {"int8": Bnb8BitHfQuantizer, "nf4": Bnb4BitHfQuantizer}[quant]
-    config = _quantization_config(quant, torch.bfloat16, tables)
+    config = _quantization_config(quant, torch.bfloat16, tables, cpu_offload=True)
     quantizer(config).validate_environment(device_map=device_map_for(CUDA, tables))
     config.llm_int8_enable_fp32_cpu_offload = False
     with pytest.raises(ValueError, match="dispatched on the CPU"):
@@ -163,3 +164,21 @@ def test_checkpoint_state_loads_onto_the_cpu_whatever_device_saved_it(tmp_path, 
     monkeypatch.setattr(checkpoint.torch, "load", spy)
     checkpoint.load_checkpoint(checkpoint.find_checkpoint(tmp_path), lora_model("gemma3"))
     assert seen == ["cpu"]  # a Colab checkpoint resumes on a CPU; torchrun ranks do not all land on cuda:0
+
+
+def test_with_the_gpu_map_only_the_tables_stay_unquantized():
+    """The offload flag leaves every CPU-mapped module out of int8: with the GPU's map that is the tables alone."""
+    from bitsandbytes.nn import Linear8bitLt
+    from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
+
+    from gemma_lowmem.model import _quantization_config
+    from tests.tiny import tiny_gemma3
+
+    with torch.device("meta"):
+        model = tiny_gemma3()
+    tables = ["model.embed_tokens"]
+    quantizer = Bnb8BitHfQuantizer(_quantization_config("int8", torch.bfloat16, tables, cpu_offload=True))
+    quantizer._process_model_before_weight_loading(model, device_map=device_map_for(CUDA, tables))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head]
+    assert linears and all(isinstance(m, Linear8bitLt) for m in linears)
+    assert not isinstance(model.get_input_embeddings(), Linear8bitLt)
