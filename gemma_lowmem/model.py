@@ -285,11 +285,9 @@ def use_int8_kernels(model: torch.nn.Module) -> None:
 
 def _quantization_config(quant: str, compute_dtype: torch.dtype, big_tables: Sequence[str] = (),
                          cpu_offload: bool = False) -> BitsAndBytesConfig | None:
-    # The big tables by full name too: bitsandbytes refuses a device map that puts modules it would quantize on the
-    # CPU, and it checks the map's names against this list.
-    # ``cpu_offload`` when the device map puts the tables on the CPU beside a GPU: without the flag transformers
-    # refuses such a map, skipped modules or not (seen on an H200). Never for a CPU-only map: the flag leaves every
-    # module the map puts on the CPU unquantized, which there is all of them.
+    # The big tables are skipped by full name. ``cpu_offload`` when the device map puts them on the CPU beside a GPU:
+    # without the flag transformers refuses such a map, skipped modules or not (seen on an H200). Never for a
+    # CPU-only map: the flag leaves every module the map puts on the CPU unquantized, which there is all of them.
     skip = [*INT8_SKIP_MODULES, *big_tables]
     if quant == "int8":
         return BitsAndBytesConfig(

@@ -11,7 +11,7 @@ of ``a`` = 4 bytes (under bf16/fp16 autocast too: "Half-precision activations" b
                      memory-mapped (its scales alone resident)
     LoRA             16 B per parameter: fp32 weight, gradient, AdamW's two moments
     runtime          CPU: 0.489 GiB (Python, torch, transformers, peft, bitsandbytes through a whole fit);
-                     CUDA: 256 MiB of allocator slack (reserved over allocated: 0.24 GiB measured on an H200)
+                     CUDA: 256 MiB of allocator slack (reserved over allocated: 0.24 / 0.26 GiB measured on an H200)
     model-level      N a x Gemma 3n's per-layer input width (L x 256), plus packed masks 2 B T^2
     checkpoints      N a L S: each layer's input
     the larger of    one layer's recompute and backward  N a (4.98 S + 15.8 I)
@@ -49,7 +49,7 @@ Without :func:`return_freed_memory_to_os` the 4-layer E2B-width run peaked at 1.
 
 Half-precision activations: counted at 4 bytes per element like fp32, because the measured peaks under bf16
 autocast shrink far less than half (fp32 temporaries of the norms, softmax and loss, presumably: not broken down).
-Counting them at 2 bytes under-predicted four of these six measurements (ratio = measured / predicted):
+Counting them at 2 bytes under-predicted five of these six measurements (ratio = measured / predicted):
 
     bf16 autocast, bf16 weights                           tokens   measured GiB  at 2 B (ratio)  at 4 B (ratio)
     CPU (AVX-512 bf16), E2B widths, V 4096, 2 layers        2048       1.587      1.382 (1.15)    2.096 (0.76)
@@ -98,7 +98,7 @@ LORA_BYTES_PER_PARAM = 16
 
 # Calibrated constants (see the module docstring for the measurements behind them).
 CPU_RUNTIME_BYTES = int(0.489 * GiB)  # peak RSS of a whole fit() on a 1-layer hidden-64 model (see the table)
-CUDA_RUNTIME_BYTES = 256 * 2**20  # allocator slack over allocated memory (0.24 GiB measured on an H200)
+CUDA_RUNTIME_BYTES = 256 * 2**20  # allocator slack over allocated memory (0.24 / 0.26 GiB measured on an H200)
 ACT_BYTES = 4  # per activation element, under half-precision autocast too (see the module docstring)
 RECOMPUTE_STREAM = 4.98  # one layer's recompute + backward, elements per token per unit of stream width
 RECOMPUTE_INTERMEDIATE = 15.8  # ... per unit of MLP width

@@ -87,7 +87,8 @@ def test_int8_layers_run_the_kernel_that_keeps_no_input_and_match_bitsandbytes(t
 def test_moving_a_model_moves_each_int8_layers_row_scales_with_its_weight(tmp_path):
     """``Module.to`` replaces only ``weight.data``: bitsandbytes' scales (``SCB``) and its int8 copy (``CB``) stayed
     behind, and the first forward on a GPU failed with tensors on two devices (benchmarks/gpu_check.py on an H200,
-    which runs again with this). The CPU has no second device: the test replays the move with a copy."""
+    which runs again with this). The CPU has no second device: the test replays the move with a copy, which shows
+    the int8 copy following the weight; the scales' device is checked by gpu_check alone."""
     from gemma_lowmem.model import FrozenInt8Linear
     from tests.tiny import tiny_gemma3
 
@@ -99,7 +100,6 @@ def test_moving_a_model_moves_each_int8_layers_row_scales_with_its_weight(tmp_pa
     base._apply(lambda t: t.clone())
     for layer in layers:
         assert layer.weight.CB.data_ptr() == layer.weight.data_ptr()  # not the old tensor, alive on the old device
-        assert layer.weight.SCB.device == layer.weight.device
 
 
 def test_tied_embedding_and_head_as_int8_rows(tmp_path):
