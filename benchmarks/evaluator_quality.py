@@ -3,11 +3,13 @@
 
 For the base model (adapter off) and the adapter, in each decoding mode (free, guided, scores): the valid-output
 rate, MAE / Spearman / QWK against the targets for the total and each criterion (the integer scores and, guided,
-the expected ones), the mean predicted total per student-summary kind, seconds per graded summary.
+the expected ones), the mean predicted total per student-summary kind (and, guided, the mean expected total: it
+shows a signal the integer scores round away), seconds per graded summary.
 
 Resumable: the run folder keeps the adapter (training resumes from its last checkpoint when cut) and the JSON is
-rewritten after every (system, mode), which a rerun skips. Training and evaluation rows come from one file
-(default: the shared CNN/DailyMail validation rows): the first K train, the last M evaluate (disjoint ids).
+rewritten after every (system, mode), which a rerun skips (``--regrade`` grades it again). Training and evaluation
+rows come from one file (default: the shared CNN/DailyMail validation rows): the first K train, the last M evaluate
+(disjoint ids).
 
 Example (the issue's setting; see the README for the time it takes):
   python benchmarks/evaluator_quality.py --train-rows 200 --eval-rows 64
@@ -19,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -65,10 +68,10 @@ def _split(data_file: Path, k: int, m: int, run_dir: Path) -> tuple[Path, Path]:
     return paths
 
 
-def kind_order_holds(by_kind: dict[str, dict[str, Any]]) -> bool | None:
-    """near_reference > lead/partial > off_topic/empty in mean predicted total (None: a group has no value)."""
-    means = [[by_kind[k]["predicted_mean"] for k in group if by_kind.get(k, {}).get("predicted_mean") is not None]
-             for group in KIND_ORDER]
+def kind_order_holds(by_kind: dict[str, dict[str, Any]], key: str = "predicted_mean") -> bool | None:
+    """near_reference > lead/partial > off_topic/empty in the kinds' mean ``key`` (``predicted_mean``: of the
+    integer totals, ``expected_mean``: of the expected ones); None: a group has no value."""
+    means = [[by_kind[k][key] for k in group if by_kind.get(k, {}).get(key) is not None] for group in KIND_ORDER]
     if not all(means):
         return None
     return all(min(hi) > max(lo) for hi, lo in zip(means, means[1:]))
@@ -76,10 +79,16 @@ def kind_order_holds(by_kind: dict[str, dict[str, Any]]) -> bool | None:
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
     metrics = result["metrics"]
+    by_kind = metrics["by_kind"]
+    # The expected totals move with the summary even where every integer total is the same: a weak signal shows.
+    for kind, part in by_kind.items():
+        expected = [r["expected_total"] for r in result["rows"] if r["kind"] == kind and "expected_total" in r]
+        part["expected_mean"] = statistics.fmean(expected) if expected else None
     return {
         "valid_rate": metrics["valid_rate"], "agreement": metrics["agreement"],
         "expected_agreement": metrics.get("expected_agreement"),
-        "by_kind": metrics["by_kind"], "kind_order_holds": kind_order_holds(metrics["by_kind"]),
+        "by_kind": by_kind, "kind_order_holds": kind_order_holds(by_kind),
+        "kind_order_holds_expected": kind_order_holds(by_kind, "expected_mean"),
         "seconds_per_summary": metrics["generation"]["seconds_per_answer"],
         "outputs": result["outputs"],
     }
@@ -89,9 +98,16 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _with_expected(cell: str, expected: float | bool | None) -> str:
+    if expected is None:
+        return cell
+    return f"{cell} ({expected if isinstance(expected, bool) else _fmt(expected, 1)})"
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """One row per (system, mode): valid rate, agreement of the total (integer scores and, guided, expected
-    ones), mean predicted total per summary kind, whether the kinds' order holds, seconds per summary."""
+    ones), mean predicted total per summary kind and whether the kinds' order holds (in brackets: the same of the
+    expected totals, where the result has them), seconds per summary."""
     kinds = [k for group in KIND_ORDER for k in group]
     head = ["system", "mode", "valid", "total MAE", "Spearman", "QWK", "expected MAE", "expected Spearman",
             *kinds, "order", "s/summary"]
@@ -99,11 +115,12 @@ def markdown_table(results: dict[str, Any]) -> str:
     for system, modes in results.get("systems", {}).items():
         for mode, part in modes.items():
             total, expected = part["agreement"]["total"], (part.get("expected_agreement") or {}).get("total", {})
-            by_kind = [part["by_kind"].get(k, {}).get("predicted_mean") for k in kinds]
+            by_kind = [_with_expected(_fmt(part["by_kind"].get(k, {}).get("predicted_mean"), 1),
+                                      part["by_kind"].get(k, {}).get("expected_mean")) for k in kinds]
+            order = _with_expected(str(part["kind_order_holds"]), part.get("kind_order_holds_expected"))
             cells = [system, mode, _fmt(part["valid_rate"]), _fmt(total["mae"], 1), _fmt(total["spearman"]),
                      _fmt(total["qwk"]), _fmt(expected.get("mae"), 1), _fmt(expected.get("spearman")),
-                     *(_fmt(v, 1) for v in by_kind), str(part["kind_order_holds"]),
-                     _fmt(part["seconds_per_summary"], 1)]
+                     *by_kind, order, _fmt(part["seconds_per_summary"], 1)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -132,6 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=384, help="free mode's longest answer")
     parser.add_argument("--batch-size", type=int, default=4, help="summaries per generation batch")
     parser.add_argument("--lang", default="ko", choices=("ko", "en"))
+    parser.add_argument("--regrade", action="store_true",
+                        help="grade the chosen systems and modes again even where the JSON has them (the adapter is "
+                             "kept): for a result written by an older version of this script")
     parser.add_argument("--table-only", action="store_true",
                         help="print the Markdown table of an existing result JSON (--out or the default) and stop")
     parser.add_argument("--out", type=Path, help="result JSON (default: benchmarks/results/evaluator_quality-K<K>"
@@ -181,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     systems = results.setdefault("systems", {})
     for system in args.systems:
         for mode in args.modes:
-            if mode + suffix in systems.get(system, {}):
+            if mode + suffix in systems.get(system, {}) and not args.regrade:
                 continue  # done in an earlier, cut run
             print(f"grading {len(conversations)} summaries: {system}, {mode}{suffix}", flush=True)
             with model.disable_adapter() if system == "base" else contextlib.nullcontext():

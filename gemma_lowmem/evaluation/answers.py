@@ -145,7 +145,8 @@ def answer_and_score(
     Returns:
         One system's report part: ``n``; ``metrics`` (the task's, plus ``generation``: mode, time, tokens/s,
         peak memory; guided modes add ``expected_agreement``: the expected scores against the targets);
-        ``plots``; ``examples``; ``rows`` (the task's per-example rows); ``outputs`` (every answer).
+        ``plots``; ``examples``; ``rows`` (the task's per-example rows, guided modes
+        with each answer's ``expected_total``); ``outputs`` (every answer).
     """
     if not conversations:
         raise ValueError("no conversations to evaluate")
@@ -158,6 +159,8 @@ def answer_and_score(
     scored = score_outputs(conversations, outputs)
     if rubric is not None and stats["mode"] != "free":
         scored["metrics"]["expected_agreement"] = expected_agreement(conversations, answers, rubric)
+        for row, answer in zip(scored["rows"], answers):
+            row["expected_total"] = answer.expected_total
     kept = [
         {"index": i, "prompt_excerpt": prompt_excerpt(prompts[i]), "generated": outputs[i],
          "target_text": conversations[i].messages[-1]["content"], "row": scored["rows"][i]}

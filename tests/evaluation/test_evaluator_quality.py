@@ -31,7 +31,14 @@ def test_smoke_trains_grades_and_resumes(tmp_path, monkeypatch, capsys):
         scores = result["systems"][system]["scores"]
         assert scores["valid_rate"] == 1.0 and scores["agreement"]["total"]["n_valid"] == 4
         assert set(scores["expected_agreement"]) >= {"total", "coverage"} and scores["seconds_per_summary"] > 0
+        # each kind's mean expected total: guided modes only (free answers have no distribution to read)
+        assert all(0 <= part["expected_mean"] <= 100 for part in scores["by_kind"].values())
+        assert all(p["expected_mean"] is None for p in result["systems"][system]["free"]["by_kind"].values())
+    capsys.readouterr()
     evaluator_quality.main(argv)  # everything is there: no training, no grading again
+    assert "grading" not in capsys.readouterr().out
+    evaluator_quality.main([*argv, "--regrade", "--systems", "base", "--modes", "scores"])
+    assert capsys.readouterr().out.count("grading 4 summaries") == 1
     evaluator_quality.main([*argv, "--without-reference", "--systems", "adapter", "--modes", "scores"])
     result = json.loads(out.read_text(encoding="utf-8"))
     assert set(result["systems"]["adapter"]) == {"scores", "free", "scores-noref"}
@@ -40,4 +47,20 @@ def test_smoke_trains_grades_and_resumes(tmp_path, monkeypatch, capsys):
     evaluator_quality.main([*argv, "--table-only"])
     table = capsys.readouterr().out.strip().splitlines()
     assert table[0].startswith("| system | mode | valid |") and sum("| adapter | scores" in t for t in table) == 2
+    assert all(("(" in row) == ("| scores" in row) for row in table[2:])  # expected means in brackets: scores only
     assert json.loads(out.read_text(encoding="utf-8"))["systems"] == result["systems"]
+
+
+def test_kind_order_reads_integer_or_expected_means():
+    def kinds(**means):
+        return {kind: {"predicted_mean": p, "expected_mean": e} for kind, (p, e) in means.items()}
+
+    # integer totals all equal (the order fails) while the expected totals still rank the kinds
+    by_kind = kinds(near_reference=(75, 80.0), lead=(75, 70.0), partial=(75, 71.0), off_topic=(75, 60.0),
+                    empty=(50, 40.0))
+    assert evaluator_quality.kind_order_holds(by_kind) is False
+    assert evaluator_quality.kind_order_holds(by_kind, "expected_mean") is True
+    by_kind["partial"]["expected_mean"] = 59.0  # below off_topic's 60: the middle group no longer sits above
+    assert evaluator_quality.kind_order_holds(by_kind, "expected_mean") is False
+    del by_kind["near_reference"]
+    assert evaluator_quality.kind_order_holds(by_kind, "expected_mean") is None
