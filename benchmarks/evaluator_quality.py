@@ -81,9 +81,12 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     metrics = result["metrics"]
     by_kind = metrics["by_kind"]
     # The expected totals move with the summary even where every integer total is the same: a weak signal shows.
+    # Each kind's integer totals show what a mean hides (a judge that writes 0 or 100 at random averages 50).
     for kind, part in by_kind.items():
-        expected = [r["expected_total"] for r in result["rows"] if r["kind"] == kind and "expected_total" in r]
+        rows = [r for r in result["rows"] if r["kind"] == kind]
+        expected = [r["expected_total"] for r in rows if "expected_total" in r]
         part["expected_mean"] = statistics.fmean(expected) if expected else None
+        part["predicted_totals"] = [r["predicted_total"] for r in rows]
     return {
         "valid_rate": metrics["valid_rate"], "agreement": metrics["agreement"],
         "expected_agreement": metrics.get("expected_agreement"),

@@ -33,6 +33,7 @@ def test_smoke_trains_grades_and_resumes(tmp_path, monkeypatch, capsys):
         assert set(scores["expected_agreement"]) >= {"total", "coverage"} and scores["seconds_per_summary"] > 0
         # each kind's mean expected total: guided modes only (free answers have no distribution to read)
         assert all(0 <= part["expected_mean"] <= 100 for part in scores["by_kind"].values())
+        assert sum(len(part["predicted_totals"]) for part in scores["by_kind"].values()) == 4
         assert all(p["expected_mean"] is None for p in result["systems"][system]["free"]["by_kind"].values())
     capsys.readouterr()
     evaluator_quality.main(argv)  # everything is there: no training, no grading again
