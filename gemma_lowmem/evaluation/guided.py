@@ -17,11 +17,12 @@ they do inside the whole answer); the slots are read from the model:
   token cap (:data:`SLOT_TOKENS`) so one rambling slot cannot eat the budget.
 
 The total is the sum of the criteria's scores (the rubric defines it so, and :func:`parse_rubric` checks it). The
-format puts it first, so the model reads it first: its own total slot is read and recorded (``readings["total"]``:
-the model's holistic judgement), its argmax is written, and the criteria are read after it as in training, where
-they always add up to the total above them. The answer then shows the criteria's sum and ``expected_total`` is the
-sum of the criteria's expected scores (linearity of expectation); the free-text slots were written after the
-model's own total, which the sum may differ from by a few points.
+format puts it after the criteria, so the code writes it: there is nothing left for the model to judge, and
+``expected_total`` is the sum of the criteria's expected scores (linearity of expectation). Why not first (the
+format until 2026-12): a total read first must hold the whole judgement in one slot of 101 values before any
+criterion, and the 270M adapter trained so wrote nearly the same distribution there for every summary (its mean
+expected total 52.9 for empty summaries, 59.0 for near-reference ones); the criteria-first format ranks summaries
+better at the same training cost (the README's evaluator-quality section).
 
 Modes (:data:`MODES`): ``free`` (plain greedy generation, parsed; kept for comparison), ``guided`` (every slot) and
 ``scores`` (score slots only: the comments and texts are left empty, for fast batch grading). ``guided`` and
@@ -86,8 +87,7 @@ class RubricAnswer:
     Attributes:
         text: the answer: the rendered guided answer, or the generated text in ``free`` mode.
         result: ``parse_rubric(text, spec)``: scores, total, texts, validity.
-        readings: score field (criteria and ``"total"``, the model's own total slot) -> :class:`ScoreReading`;
-            empty in ``free`` mode.
+        readings: criterion key -> :class:`ScoreReading`; empty in ``free`` mode.
         expected_total: the sum of the criteria's expected scores (None in ``free`` mode).
     """
 
@@ -159,13 +159,16 @@ def _guided_batch(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int
             continue
         if part.kind != "score" and mode == "scores":
             continue
+        if part.key == "total":  # after every criterion: their sum, written by the code
+            pending = [p + [digits[int(d)] for d in str(sum(readings[r][k].value for k in spec.criteria))]
+                       for r, p in zip(rows, pending)]
+            continue
         decoder.feed(pending)
         if part.kind == "score":
             following = template[i + 1]
             assert isinstance(following, str), "a score is followed by fixed text (its /max)"
             end_id = tokenizer(following, add_special_tokens=False)["input_ids"][0]
-            maximum = spec.max_total if part.key == "total" else spec.criteria[part.key][0]
-            found, _ = read_score(decoder, maximum, digits, end_id)
+            found, _ = read_score(decoder, spec.criteria[part.key][0], digits, end_id)
             for r in rows:
                 readings[r][part.key] = found[r]
             pending = [[digits[int(d)] for d in str(found[r].value)] for r in rows]

@@ -249,11 +249,11 @@ def rubric_template(lang: str = "ko", spec: RubricSpec = SUMMARY_RUBRIC) -> list
     if lang not in spec.titles:
         raise ValueError(f"lang must be one of {list(spec.titles)}, got {lang!r}")
     h = spec.headings[lang]
-    parts: list[str | Slot] = [f"{spec.titles[lang]}\n\n**{h['total']}: ", Slot("score", "total"),
-                               f"/{spec.max_total}**\n\n**{h['details']}:**"]
+    parts: list[str | Slot] = [f"{spec.titles[lang]}\n\n**{h['details']}:**"]
     for key, (maximum, label_ko, label_en) in spec.criteria.items():
         parts += [f"\n- {label_ko if lang == 'ko' else label_en}: ", Slot("score", key), f"/{maximum}",
                   Slot("comment", key)]
+    parts += [f"\n\n**{h['total']}: ", Slot("score", "total"), f"/{spec.max_total}**"]
     parts += [f"\n\n**{h['feedback']}:**\n", Slot("feedback"), f"\n\n**{h['suggestions']}:**\n",
               Slot("suggestions")]
     merged: list[str | Slot] = []
@@ -299,7 +299,7 @@ def render_rubric_spans(
 
     Returns:
         The answer text, without a trailing newline, and the ``(start, end)`` character span of each score in it
-        (the total first, then the criteria in the spec's order).
+        (the criteria in the spec's order, then the total).
 
     Raises:
         ValueError: a criterion is missing or unknown, or a score is not a whole number within its range.

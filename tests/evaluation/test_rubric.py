@@ -76,13 +76,13 @@ def test_render_exact_format() -> None:
                          "- 제안 하나\n- 제안 둘", {"coverage": "가.", "accuracy": "나.", "conciseness": "다.",
                                                 "grammar": "라."})
     assert text == (
-        "요약 평가 결과:\n\n**총점: 78/100**\n\n**세부 평가:**\n- 핵심 내용 포함도: 32/40 - 가.\n"
-        "- 정확성: 24/30 - 나.\n- 간결성: 14/20 - 다.\n- 문법 및 표현: 8/10 - 라.\n\n**전체 피드백:**\n"
-        "피드백 문단.\n\n**개선 제안:**\n- 제안 하나\n- 제안 둘"
+        "요약 평가 결과:\n\n**세부 평가:**\n- 핵심 내용 포함도: 32/40 - 가.\n"
+        "- 정확성: 24/30 - 나.\n- 간결성: 14/20 - 다.\n- 문법 및 표현: 8/10 - 라.\n\n**총점: 78/100**\n\n"
+        "**전체 피드백:**\n피드백 문단.\n\n**개선 제안:**\n- 제안 하나\n- 제안 둘"
     )
     english = render_rubric({"coverage": 40, "accuracy": 0, "conciseness": 20, "grammar": 10}, "Fine.", "- None.",
                             {"grammar": "Line\nbreak."}, lang="en")
-    assert english.splitlines()[2] == "**Total score: 70/100**"
+    assert english.splitlines()[8] == "**Total score: 70/100**"
     assert "- Accuracy: 0/30\n" in english and "- Grammar and expression: 10/10 - Line break." in english
     assert "**Suggestions for improvement:**\n- None." in english and "**Overall feedback:**\nFine." in english
 
@@ -373,7 +373,7 @@ NASTY = [
     ("other_maximum", plain(a="24/25"), S, 78, False),
     ("missing_total", plain(t=None), S, 78, False),
     ("missing_criterion", lines(*plain().split("\n")[:3], "총점: 78/100"), S | {"grammar": None}, 78, False),
-    ("truncated", CANON[: CANON.index("간결성")], S | {"conciseness": None, "grammar": None}, 78, False),
+    ("truncated", CANON[: CANON.index("간결성")], S | {"conciseness": None, "grammar": None}, None, False),
     ("second_evaluation", CANON + "\n\n다시 평가하면:\n\n" + CANON.replace("32/40", "20/40").replace("78/", "66/"), S,
      78, True),
     ("second_without_header", plain(t="78") + "\n\n" + plain("10/40", "10/30", "10/20", "10/10", "40"), S, 78, True),
@@ -631,4 +631,4 @@ def test_render_rubric_spans_point_at_the_scores(spec, lang):
     comments = dict.fromkeys(spec.criteria, "A comment with 12 numbers 3.")
     text, spans = render_rubric_spans(scores, "Feedback 40.", "- Do 2 things.", comments, lang, spec)
     assert text == render_rubric(scores, "Feedback 40.", "- Do 2 things.", comments, lang, spec)
-    assert [text[a:b] for a, b in spans] == [str(sum(scores.values())), *map(str, scores.values())]
+    assert [text[a:b] for a, b in spans] == [*map(str, scores.values()), str(sum(scores.values()))]

@@ -223,7 +223,7 @@ def test_score_loss_weight_marks_the_scores_of_the_answer():
     for a, b in zip(plain, weighted):
         assert a.messages == b.messages  # the same conversation: only what the loss counts changes
         answer, scores = b.messages[-1]["content"], b.meta["scores"]
-        assert [answer[lo:hi] for lo, hi, _ in b.answer_weights] == [str(scores[k]) for k in ("total", *CRITERIA)]
+        assert [answer[lo:hi] for lo, hi, _ in b.answer_weights] == [str(scores[k]) for k in (*CRITERIA, "total")]
         assert {w for _, _, w in b.answer_weights} == {5}
     train, _ = summary_eval.build_datasets(DataConfig(demo=True, lang="en", score_loss_weight=5), seed=0)
     assert all(len(c.answer_weights) == 1 + len(CRITERIA) for c in train)
