@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="share of training conversations that ask to grade without the reference")
     parser.add_argument("--score-loss-weight", type=int, default=1,
                         help="each score token counts this many times in the loss (data.score_loss_weight)")
+    parser.add_argument("--kinds-per-row", type=int, default=1,
+                        help="student summaries of different kinds per training article (data.kinds_per_row); "
+                        "the evaluation rows keep one each")
     parser.add_argument("--without-reference", action="store_true",
                         help="grade the evaluation rows with the reference left out of every request (results "
                         "under '<mode>-noref'): how much the evaluator leans on the reference")
@@ -175,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         model=ModelConfig(model=args.model, quant=args.quant),
         data=DataConfig(train_file=str(train_file), val_file=str(eval_file), lang=args.lang, max_train_samples=None,
                         max_val_samples=None, max_seq_length=args.max_seq_length,
-                        no_reference_share=args.no_reference_share, score_loss_weight=args.score_loss_weight),
+                        no_reference_share=args.no_reference_share, score_loss_weight=args.score_loss_weight,
+                        kinds_per_row=args.kinds_per_row),
         train=TrainConfig(output_dir=str(run_dir / "run"), epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
                           batch_size=2, grad_accum=4, eval_every=0, save_every=10),
         eval=EvalConfig(gen_batch_size=args.batch_size, max_new_tokens=args.max_new_tokens),

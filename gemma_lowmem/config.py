@@ -125,6 +125,11 @@ class DataConfig:
         1, "summary_eval: each token of a score in the target answer counts this many times in the loss, which is "
         "divided by the weighted token count (1: plain SFT, every answer token once)"
     )
+    kinds_per_row: int = _f(
+        1, "summary_eval: student summaries written per training article, each of a different kind (1-8); with "
+        "several, the grader sees the same article graded high and low and must read the summary to tell them apart "
+        "(validation keeps one per row)"
+    )
     skip_bad_rows: bool = _f(False, "skip malformed rows (and report how many) instead of stopping")
     cache_dir: str | None = _f(None, "where tokenized data sets are cached (default: ~/.cache/gemma_lowmem)")
     columns: dict[str, str] = _f(
@@ -140,6 +145,8 @@ class DataConfig:
         _check_positive("max_seq_length", self.max_seq_length)
         _check_positive("max_article_length", self.max_article_length)
         _check_positive("score_loss_weight", self.score_loss_weight)
+        if not 1 <= self.kinds_per_row <= 8:
+            raise UserError(f"kinds_per_row={self.kinds_per_row!r} must be between 1 and 8 (the summary kinds)")
         if not 0 <= self.no_reference_share <= 1:
             raise UserError(f"no_reference_share={self.no_reference_share!r} must be in [0, 1]")
         for name, column in self.columns.items():

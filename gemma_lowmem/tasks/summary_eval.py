@@ -527,19 +527,22 @@ def _row_rng(seed: int, article: str) -> random.Random:
     return random.Random(f"{seed}:{hashlib.sha1(article.encode('utf-8')).hexdigest()}")
 
 
-def assign_kinds(n: int, seed: int) -> list[str]:
+def assign_kinds(n: int, seed: int, shift: int = 0) -> list[str]:
     """Summary kinds for ``n`` rows: each block of 8 rows is a seeded permutation of :data:`KINDS`.
 
     Args:
         n: number of rows.
         seed: the seed.
+        shift: rotate each block's permutation by this many places. The lists for shifts 0..7 give each row
+            eight different kinds, so one article can carry several student summaries of different kinds.
 
     Returns:
         ``n`` kinds; every kind appears among any first 8 (and each following block of 8).
     """
     kinds: list[str] = []
     for block in range(0, n, len(KINDS)):
-        kinds += random.Random(f"{seed}:kinds:{block}").sample(KINDS, len(KINDS))
+        order = random.Random(f"{seed}:kinds:{block}").sample(KINDS, len(KINDS))
+        kinds += order[shift % len(KINDS):] + order[:shift % len(KINDS)]
     return kinds[:n]
 
 
@@ -579,27 +582,34 @@ def build_conversation(record: dict[str, Any], other_record: dict[str, Any] | No
     return Conversation(messages=messages, cut=article, meta=meta, answer_weights=weights)
 
 
-def build_conversations(records: list[dict[str, Any]], lang: str, seed: int,
-                        no_reference_share: float = 0.0, score_loss_weight: int = 1) -> list[Conversation]:
+def build_conversations(records: list[dict[str, Any]], lang: str, seed: int, no_reference_share: float = 0.0,
+                        score_loss_weight: int = 1, kinds_per_row: int = 1) -> list[Conversation]:
     """Conversations for a list of rows, kinds assigned by :func:`assign_kinds`.
 
     Args:
         records: rows with ``article`` and ``highlights`` (e.g. from :func:`load_data`).
         lang: prompt and feedback language.
         seed: the seed; each row's summary depends only on the seed, its kind and its article.
-        no_reference_share: this share of the rows (a seeded draw) asks to grade without the reference.
+        no_reference_share: this share of the conversations (a seeded draw) asks to grade without the reference.
         score_loss_weight: as in :func:`build_conversation`.
+        kinds_per_row: student summaries per row, each of a different kind (at most ``len(KINDS)``).
 
     Returns:
-        One conversation per row, in order; the off-topic summary of row ``i`` is the reference of row
-        ``i + n // 2`` (modulo ``n``).
+        ``kinds_per_row`` passes over the rows, each in row order, with one conversation per row; the off-topic
+        summary of row ``i`` is the reference of row ``i + n // 2`` (modulo ``n``).
     """
+    if not 1 <= kinds_per_row <= len(KINDS):
+        raise UserError(f"kinds_per_row={kinds_per_row!r} must be between 1 and {len(KINDS)} (the summary kinds)")
     n = len(records)
-    kinds = assign_kinds(n, seed)
-    hidden = set(random.Random(f"{seed}:no-reference").sample(range(n), round(n * no_reference_share)))
+    # Shifts spread evenly over the 8 kinds, so the kinds of one row are far apart in its block's permutation.
+    shifts = [copy * len(KINDS) // kinds_per_row for copy in range(kinds_per_row)]
+    kinds = [kind for shift in shifts for kind in assign_kinds(n, seed, shift)]
+    draw = random.Random(f"{seed}:no-reference")
+    hidden = set(draw.sample(range(len(kinds)), round(len(kinds) * no_reference_share)))
     out = []
-    for i, (record, kind) in enumerate(zip(records, kinds)):
-        other = records[(i + max(1, n // 2)) % n] if n > 1 else None
+    for i, kind in enumerate(kinds):
+        record = records[i % n]
+        other = records[(i % n + max(1, n // 2)) % n] if n > 1 else None
         if other is not None and other["article"] == record["article"]:
             other = None
         out.append(build_conversation(record, other, lang, seed, kind=kind, show_reference=i not in hidden,
@@ -620,7 +630,8 @@ def build_datasets(cfg: DataConfig, seed: int) -> tuple[list[Conversation], list
     data = load_data(cfg)
     log.info("%s: %d training rows, %d validation rows", data.source, len(data.train), len(data.val))
     settings = {"no_reference_share": cfg.no_reference_share, "score_loss_weight": cfg.score_loss_weight}
-    return (build_conversations(data.train, cfg.lang, seed, **settings),
+    # Validation keeps one summary per row, so its kinds and metrics do not depend on the training recipe.
+    return (build_conversations(data.train, cfg.lang, seed, kinds_per_row=cfg.kinds_per_row, **settings),
             build_conversations(data.val, cfg.lang, seed, **settings))
 
 
