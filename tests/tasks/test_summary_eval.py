@@ -180,6 +180,38 @@ def test_assign_kinds_covers_every_block(n, seed):
         assert set(kinds[start:start + 8]) == set(KINDS)
 
 
+def test_shifted_kinds_give_each_row_different_kinds():
+    lists = [assign_kinds(13, seed=3, shift=shift) for shift in range(len(KINDS))]
+    assert lists[0] == assign_kinds(13, seed=3)
+    for row_kinds in zip(*lists):
+        assert sorted(row_kinds) == sorted(KINDS)
+    for kinds in lists:  # each shifted list still covers every block
+        assert set(kinds[:8]) == set(KINDS)
+
+
+@pytest.mark.parametrize("per_row", [2, 3, 8])
+def test_kinds_per_row_grades_one_article_several_ways(per_row):
+    single = build_conversations(ENGLISH, "en", seed=4)
+    several = build_conversations(ENGLISH, "en", seed=4, kinds_per_row=per_row)
+    assert len(several) == per_row * len(ENGLISH)
+    assert [c.messages for c in several[:len(ENGLISH)]] == [c.messages for c in single]  # the first pass as before
+    for i, record in enumerate(ENGLISH):
+        copies = several[i::len(ENGLISH)]
+        assert {c.meta["id"] for c in copies} == {record["id"]}
+        assert len({c.meta["kind"] for c in copies}) == per_row
+    with pytest.raises(UserError, match="kinds_per_row"):
+        build_conversations(ENGLISH, "en", seed=4, kinds_per_row=9)
+    with pytest.raises(UserError, match="kinds_per_row"):
+        DataConfig(kinds_per_row=0)
+
+
+def test_kinds_per_row_multiplies_training_only():
+    train, val = build_datasets(DataConfig(demo=True, lang="en"), seed=0)
+    train2, val2 = build_datasets(DataConfig(demo=True, lang="en", kinds_per_row=2), seed=0)
+    assert len(train2) == 2 * len(train)
+    assert [c.messages for c in val2] == [c.messages for c in val]
+
+
 def test_same_seed_same_output_other_seed_differs():
     first = build_conversations(ENGLISH, "ko", seed=11)
     second = build_conversations(ENGLISH, "ko", seed=11)
