@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from gemma_lowmem.data.packing import first_fit_decreasing, packed_attention_masks
-from kernels import int8_linear, linear_cross_entropy, linear_cross_entropy_ref
+from gemma_lowmem_kernels import int8_linear, linear_cross_entropy, linear_cross_entropy_ref
 
 VOCAB = int(os.environ.get("BENCH_VOCAB", 16384))
 TOKENS = int(os.environ.get("BENCH_TOKENS", 512))

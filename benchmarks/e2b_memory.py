@@ -4,7 +4,7 @@
 The default builds the full Gemma 3n E2B text model (the config shipped in ``gemma_lowmem/configs``: 4.44B
 parameters) with random weights written straight into their final form: decoder projections as bitsandbytes
 ``Linear8bitLt`` (random int8 weights and row scales: no float copy of a weight ever exists), the per-layer
-embedding table as a row-wise int8 ``kernels.Int8Embedding`` (drawn a chunk of rows at a time), the tied
+embedding table as a row-wise int8 ``gemma_lowmem_kernels.Int8Embedding`` (drawn a chunk of rows at a time), the tied
 embedding and the norms in the weights' dtype. It then adds the default LoRA adapter, runs optimizer steps of
 ``gemma_lowmem.train.fit`` on random token rows and prints one JSON line with the planner's prediction
 (``gemma_lowmem.planner.predict_peak``), the measured peak and their ratio.
@@ -102,7 +102,7 @@ def build_random_int8(model_config, dtype: torch.dtype, *, threshold: float = 6.
     from transformers import AutoModelForCausalLM
 
     from gemma_lowmem.model import Int8TiedHead, use_int8_kernels
-    from kernels import Int8Embedding
+    from gemma_lowmem_kernels import Int8Embedding
 
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):

@@ -9,8 +9,8 @@ import importlib
 import logging
 from typing import Any
 
-# On CPUs with AVX-512 bf16, importing bitsandbytes tries to fetch an nf4 kernel from the hub through the `kernels`
-# package (which our own `kernels/` shadows) and logs a warning when it cannot: the int8 path never uses that kernel.
+# On CPUs with AVX-512 bf16, importing bitsandbytes tries to fetch an nf4 kernel from the hub through Hugging Face's
+# `kernels` package and logs a warning when it cannot (offline, or the package absent): the int8 path never uses it.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _EXPORTS = {

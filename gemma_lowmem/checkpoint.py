@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import random
 import shutil
 from collections.abc import Callable
@@ -24,14 +25,17 @@ from typing import Any
 import numpy as np
 import torch
 from peft import set_peft_model_state_dict
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from gemma_lowmem.data.records import json_error
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.memory import format_size
 
 STATE_FILE = "trainer_state.pt"
 ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+DAMAGED = "cut short or damaged (a copy or download that did not finish?)"
 _TMP, _OLD, _TRASH = ".tmp-", ".old-", ".trash-"
 # What a failed write raises: OSError from Python, RuntimeError from torch.save's C++ writer, SafetensorError.
 _WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
@@ -177,6 +181,43 @@ def save_adapter(model: torch.nn.Module, folder: Path, config: dict[str, Any]) -
     _write_atomically(folder, lambda tmp: _write_adapter(model, tmp, config))
 
 
+def check_adapter(folder: str | Path, config: bool = True,
+                  fix: str = "copy the folder again from where it was trained, or give another one") -> None:
+    """Check an adapter folder's files before a model loads (cheap: the JSON and the safetensors header only).
+
+    A truncated ``adapter_model.safetensors`` fails here: its header must cover the whole file.
+
+    Args:
+        folder: a folder written by :func:`save_adapter` or :func:`save_checkpoint`.
+        config: check ``adapter_config.json`` too (``--resume`` reads only the weights).
+        fix: what the user can do about a damaged file, for the message.
+
+    Raises:
+        UserError: one line naming the file and what is wrong with it.
+    """
+    folder = Path(folder)
+    if config:
+        config_file = folder / ADAPTER_CONFIG
+        if not config_file.is_file():
+            raise UserError(f"{folder}: not an adapter folder (no {ADAPTER_CONFIG})")
+        try:
+            saved = json.loads(config_file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"{config_file}: not UTF-8 text, {DAMAGED}; {fix}") from None
+        except json.JSONDecodeError as err:
+            raise UserError(f"{config_file}: not valid JSON ({json_error(err)}), {DAMAGED}; {fix}") from None
+        if not isinstance(saved, dict) or "peft_type" not in saved:
+            raise UserError(f"{config_file}: not a PEFT adapter config (a JSON object with 'peft_type'); {fix}")
+    weights = folder / ADAPTER_FILE
+    if not weights.is_file():
+        raise UserError(f"{weights}: no such file; an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_FILE}")
+    try:
+        with safe_open(weights, framework="pt"):
+            pass
+    except SafetensorError as err:
+        raise UserError(f"{weights}: not a whole safetensors file ({err}), {DAMAGED}; {fix}") from None
+
+
 def checkpoint_step(folder: Path) -> int:
     """The optimizer step of a checkpoint folder named ``step-000123`` (or a moved-aside ``.old-step-000123``)."""
     return int(folder.name.rsplit("-", 1)[1])
@@ -214,8 +255,34 @@ def save_checkpoint(
     return folder
 
 
+def _first_line(err: Exception) -> str:
+    """An error's message, its first line only (a message is one line), or its type when it has none."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _complete_checkpoints(folder: Path) -> list[Path]:
+    """The complete ``step-*`` checkpoints in ``<run>/checkpoints``, oldest first."""
+    complete = [c for c in folder.glob("step-*") if (c / STATE_FILE).is_file()] if folder.is_dir() else []
+    # A kill between the two renames of a re-save leaves the complete old copy under a hidden name.
+    stranded = folder.glob(_OLD + "step-*") if folder.is_dir() else []
+    complete += [c for c in stranded if (c / STATE_FILE).is_file() and not (folder / c.name[len(_OLD) :]).exists()]
+    return sorted(complete, key=checkpoint_step)
+
+
+def _other_checkpoint(folder: Path) -> str:
+    """What to do about a damaged checkpoint: resume from the latest earlier one, if there is one."""
+    try:
+        step = checkpoint_step(folder)
+    except (IndexError, ValueError):  # a checkpoint folder renamed by hand: no order to go by
+        return "resume from another checkpoint, or start again without --resume"
+    earlier = [c for c in _complete_checkpoints(folder.parent) if checkpoint_step(c) < step]
+    return f"--resume {earlier[-1]} (the one before)" if earlier else "start again without --resume"
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a run folder (its latest complete checkpoint); reads only, writes nothing.
+
+    Its adapter weights are checked (:func:`check_adapter`), so a damaged file fails before a model loads.
 
     Args:
         path: ``<run>/checkpoints/step-000123`` or ``<run>``.
@@ -224,33 +291,47 @@ def find_checkpoint(path: str | Path) -> Path:
         The checkpoint folder to load.
 
     Raises:
-        UserError: no complete checkpoint there.
+        UserError: no complete checkpoint there, or its adapter weights are damaged (naming the one before).
     """
     path = Path(path)
     if (path / STATE_FILE).is_file():
-        return path
-    folder = path / "checkpoints"
-    complete = [c for c in folder.glob("step-*") if (c / STATE_FILE).is_file()] if folder.is_dir() else []
-    # A kill between the two renames of a re-save leaves the complete old copy under a hidden name.
-    stranded = folder.glob(_OLD + "step-*") if folder.is_dir() else []
-    complete += [c for c in stranded if (c / STATE_FILE).is_file() and not (folder / c.name[len(_OLD) :]).exists()]
-    if not complete:
-        raise UserError(f"--resume {path}: not a checkpoint (no {STATE_FILE}) and no checkpoints/step-* inside")
-    return max(complete, key=checkpoint_step)
+        found = path
+    else:
+        complete = _complete_checkpoints(path / "checkpoints")
+        if not complete:
+            raise UserError(f"--resume {path}: not a checkpoint (no {STATE_FILE}) and no checkpoints/step-* inside")
+        found = complete[-1]
+    check_adapter(found, config=False, fix=_other_checkpoint(found))
+    return found
 
 
 def load_checkpoint(folder: Path, model: torch.nn.Module) -> dict[str, Any]:
     """Load the adapter weights into ``model`` and return the trainer state (RNG restored by the caller).
 
     Raises:
-        UserError: the files are unreadable, or the adapter does not fit the model (another LoRA rank or target).
+        UserError: a file is unreadable (naming it), or the adapter does not fit the model (another LoRA rank or
+            target).
     """
+    weights_file, state_file = folder / ADAPTER_FILE, folder / STATE_FILE
     try:
-        result = set_peft_model_state_dict(model, load_file(folder / ADAPTER_FILE))
+        weights = load_file(weights_file)
+    except (OSError, SafetensorError) as err:
+        raise UserError(f"--resume {weights_file}: unreadable, {DAMAGED} ({_first_line(err)}); "
+                        f"{_other_checkpoint(folder)}") from None
+    try:
+        result = set_peft_model_state_dict(model, weights)
+    except torch.OutOfMemoryError:
+        raise  # a RuntimeError too, but about memory, not the checkpoint
+    except (RuntimeError, KeyError) as err:  # a tensor of another shape: another LoRA rank or model
+        raise UserError(f"--resume {folder}: the checkpoint's adapter does not fit this model "
+                        f"({_first_line(err)}); use the same --model, --lora-r and --target-modules as the "
+                        "run that saved it") from None
+    try:
         # on the CPU first: a GPU-saved checkpoint resumes on a CPU, and torchrun ranks do not all land on cuda:0
-        state = torch.load(folder / STATE_FILE, weights_only=False, map_location="cpu")
-    except (OSError, RuntimeError, KeyError, SafetensorError) as err:
-        raise UserError(f"--resume {folder}: checkpoint is unreadable or does not fit the model ({err})") from None
+        state = torch.load(state_file, weights_only=False, map_location="cpu")
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise UserError(f"--resume {state_file}: unreadable, {DAMAGED} ({_first_line(err)}); "
+                        f"{_other_checkpoint(folder)}") from None
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
         example = (missing or result.unexpected_keys)[0]

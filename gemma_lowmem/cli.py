@@ -49,7 +49,9 @@ def _parser_for(base: type, optional: bool, flag: str) -> Callable[[str], Any]:
     return parse
 
 
-def _pair_parser(flag: str) -> Callable[[str], tuple[str, str]]:
+def pair_parser(flag: str) -> Callable[[str], tuple[str, str]]:
+    """The argparse ``type`` of one ``KEY=VALUE`` value of ``flag`` (``--columns article=text``)."""
+
     def parse(text: str) -> tuple[str, str]:
         key, sep, value = text.partition("=")
         if not (sep and key.strip() and value.strip()):
@@ -59,7 +61,7 @@ def _pair_parser(flag: str) -> Callable[[str], tuple[str, str]]:
     return parse
 
 
-class _PairsAction(argparse.Action):
+class PairsAction(argparse.Action):
     """``--columns a=b c=d`` (or the flag given twice) -> ``{"a": "b", "c": "d"}``; a key named twice is an error."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
@@ -71,10 +73,32 @@ class _PairsAction(argparse.Action):
         setattr(namespace, self.dest, pairs)
 
 
-def build_parser(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
-    """An argparse parser with one flag per config field (help from the field's metadata)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", help="JSON file with sections model/lora/data/train (flags override it)")
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the usage examples of a script's docstring as written (defaults are spelled in each flag's help)."""
+
+
+def _split_doc(doc: str) -> tuple[str, str | None]:
+    """A script docstring -> (first paragraph: the description, the rest: the epilog with its examples)."""
+    head, _, rest = doc.strip().partition("\n\n")
+    return head, rest.strip() or None
+
+
+def _help(text: str, default: Any) -> str:
+    """The flag's help with its default, unless the text already says what the default is."""
+    return text if "default" in text else f"{text} (default: {default})"
+
+
+def build_parser(doc: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per config field (help from the field's metadata).
+
+    Args:
+        doc: the script's docstring: its first paragraph describes the script, the rest (examples) ends ``--help``.
+        extra: adds the script's own flags.
+    """
+    description, epilog = _split_doc(doc)
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=HelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="JSON file with sections model/lora/data/train (flags "
+                        "override it)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="the seed's experiment grid: " + "; ".join(
         f"{k}: {v['train']['lr']:g} lr, {v['train']['epochs']} epochs, {v['data']['max_train_samples']} samples"
         for k, v in PRESETS.items()))
@@ -84,19 +108,21 @@ def build_parser(description: str, extra: Callable[[argparse.ArgumentParser], No
             flag = flag_name(section, f.name)
             default = f.default if f.default is not MISSING else f.default_factory()
             kw: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
-                                  "help": f"{f.metadata['help']} (default: {default})"}
+                                  "help": _help(f.metadata["help"], default)}
             base, optional = field_type(f.type)
+            # argparse shows choices as {a,b}; other values by their kind (a number) or their name (a path, an id)
+            metavar = f.metadata.get("metavar") or (f.name.upper() if base in (str, list) else base.__name__.upper())
             if base is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             elif base is list:
-                group.add_argument(flag, nargs="+", **kw)
+                group.add_argument(flag, nargs="+", metavar=metavar, **kw)
             elif base is dict:
-                group.add_argument(flag, nargs="+", type=_pair_parser(flag), action=_PairsAction,
-                                   metavar=f.metadata.get("metavar", "KEY=VALUE"), **kw)
+                group.add_argument(flag, nargs="+", type=pair_parser(flag), action=PairsAction,
+                                   metavar=metavar, **kw)
+            elif "choices" in f.metadata:
+                group.add_argument(flag, type=_parser_for(base, optional, flag), choices=f.metadata["choices"], **kw)
             else:
-                if "choices" in f.metadata:
-                    kw["choices"] = f.metadata["choices"]
-                group.add_argument(flag, type=_parser_for(base, optional, flag), metavar=base.__name__.upper(), **kw)
+                group.add_argument(flag, type=_parser_for(base, optional, flag), metavar=metavar, **kw)
     if extra is not None:
         extra(parser)
     return parser

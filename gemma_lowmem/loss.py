@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from gemma_lowmem.data.tokenize import IGNORE_INDEX
-from kernels import linear_cross_entropy
+from gemma_lowmem_kernels import linear_cross_entropy
 
 
 @dataclass(frozen=True)

@@ -27,14 +27,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from gemma_lowmem.checkpoint import check_adapter
 from gemma_lowmem.cli import build_parser, config_from_args, given_settings, run_script
 from gemma_lowmem.config import SECTIONS, RunConfig, read_config_file
 from gemma_lowmem.device import default_device, resolve_precision
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.evaluation.answers import answer_and_score, compare_systems
+from gemma_lowmem.evaluation.guided import Decoding
 from gemma_lowmem.evaluation.human import read_judgments
 from gemma_lowmem.evaluation.report import format_value, write_report
-from gemma_lowmem.memory import parse_size
 from gemma_lowmem.model import load_adapter, load_base_model, load_tokenizer, resolve_model_path
 from gemma_lowmem.run import writable_dir
 from gemma_lowmem.tasks import get_task
@@ -109,8 +110,8 @@ def output_dir_for(cfg: RunConfig, options: EvalOptions) -> Path:
 def run_evaluation(cfg: RunConfig, options: EvalOptions) -> tuple[dict[str, Any], Path, Path]:
     """Load data, the base model and the adapter; evaluate; write the report.
 
-    Everything that can fail on user input (data, judgments file, output folder, model name) is checked before
-    the model loads.
+    Everything that can fail on user input (adapter files, data, judgments file, output folder, model name) is
+    checked before the model loads.
 
     Args:
         cfg: the run configuration (model, data, seed; ``train.output_dir`` is the report folder).
@@ -119,6 +120,8 @@ def run_evaluation(cfg: RunConfig, options: EvalOptions) -> tuple[dict[str, Any]
     Returns:
         ``(report, report.json path, report.md path)``.
     """
+    if options.adapter:
+        check_adapter(options.adapter)  # a damaged adapter_config.json or adapter_model.safetensors: fail now
     task = get_task(cfg.data.task)
     out_dir = output_dir_for(cfg, options)
     if options.human_judgments:
@@ -142,32 +145,26 @@ def run_evaluation(cfg: RunConfig, options: EvalOptions) -> tuple[dict[str, Any]
     model = load_base_model(cfg.model, device, cfg.train.precision)
     if options.adapter:
         model = load_adapter(model, options.adapter)
-    common = {"max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.gen_batch_size,
-              "system_role": cfg.model.system_role, "show_progress": options.show_progress,
-              "examples": cfg.eval.report_examples, "mode": cfg.eval.mode,
-              "autocast": resolve_precision(device, cfg.train.precision).autocast,
-              "memory_budget": parse_size(cfg.train.max_mem)}
+    decoding = Decoding.from_config(cfg, resolve_precision(device, cfg.train.precision).autocast, options.show_progress)
+    examples = cfg.eval.report_examples
     settings = {"task": cfg.data.task, "adapter": options.adapter, "device": str(device),
                 "eval": asdict(cfg.eval),
                 "seed": cfg.train.seed, "model": asdict(cfg.model)}
     if options.human_judgments:
         systems = compare_systems(model, options.compare, lambda m: grade_rated_summaries(
-            m, tokenizer, judgments, lang=cfg.data.lang, max_article_length=cfg.data.max_article_length, **common))
+            m, tokenizer, judgments, decoding, lang=cfg.data.lang, max_article_length=cfg.data.max_article_length,
+            examples=examples))
         rouge = rouge_correlations(judgments)
         report = {"settings": {**settings, "human_judgments": options.human_judgments, "lang": cfg.data.lang},
                   "systems": systems, "rouge_correlations": rouge, "tables": [correlation_table(systems, rouge)]}
         title = f"Evaluator vs human judgments: {Path(options.human_judgments).name}"
     else:
         systems = compare_systems(model, options.compare, lambda m: answer_and_score(
-            m, tokenizer, conversations, task.score_outputs, rubric=task.rubric, **common))
+            m, tokenizer, conversations, task.score_outputs, decoding, rubric=task.rubric, examples=examples))
         report = {"settings": {**settings, "data": asdict(cfg.data)}, "systems": systems}
         title = f"Evaluation: {cfg.data.task}" + (f" ({options.adapter})" if options.adapter else "")
     json_path, md_path = write_report(report, out_dir, title)
     return report, json_path, md_path
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the flag help, and the examples above kept as written."""
 
 
 def add_eval_flags(parser: argparse.ArgumentParser) -> None:
@@ -177,14 +174,13 @@ def add_eval_flags(parser: argparse.ArgumentParser) -> None:
                        help="also evaluate the base model (adapter disabled; one model in memory): one report, "
                             "a column per system")
     group.add_argument("--human-judgments", metavar="FILE.jsonl",
-                       help="grade SummEval-style rated summaries and correlate with the human ratings (see above)")
+                       help="grade SummEval-style rated summaries and correlate with the human ratings (the "
+                            "file's format: below)")
     group.add_argument("--no-progress", action="store_true", help="no progress bar while generating")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser(__doc__.strip().splitlines()[0], extra=add_eval_flags)
-    parser.description = __doc__.strip()
-    parser.formatter_class = _HelpFormatter
+    parser = build_parser(__doc__, extra=add_eval_flags)  # the docstring's examples end --help
     args = parser.parse_args(argv)
     options = EvalOptions(adapter=args.adapter, compare=args.compare, human_judgments=args.human_judgments,
                           show_progress=not args.no_progress)

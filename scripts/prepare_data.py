@@ -27,7 +27,7 @@ def extra_flags(parser) -> None:
 
 
 def main() -> None:
-    args = build_parser(__doc__.strip().splitlines()[0], extra_flags).parse_args()
+    args = build_parser(__doc__, extra_flags).parse_args()
     cfg = config_from_args(args)
     task = get_task(cfg.data.task)
     train, val = task.build_datasets(cfg.data, cfg.train.seed)

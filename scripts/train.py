@@ -63,7 +63,7 @@ def where_things_are(run_dir: Path, stopped: str, report: Path | None, evaluated
 
 
 def main() -> None:
-    parser = build_parser(__doc__.strip().splitlines()[0])
+    parser = build_parser(__doc__)
     args = parser.parse_args()
     cfg = config_from_args(args)
     # the memory planner chooses batch split, checkpointing and loss chunk unless they were given

@@ -1,5 +1,7 @@
 """The bad-input catalogue through ``scripts/train.py``: each case gives one ``error:`` line naming what and where,
-exit code 2, and leaves an existing run (its checkpoints above all) byte for byte as it was.
+exit code 2, and leaves an existing run (its checkpoints above all) byte for byte as it was. Damaged adapter and
+checkpoint files (cut short, broken JSON) give the same one line through ``train.py --resume``, ``grade.py`` and
+``evaluate.py``.
 
 The cases run in-process (``runpy``) against one tiny trained run; the disk-full case runs the script in a child
 process whose file-size limit (``RLIMIT_FSIZE``) makes the checkpoint write fail inside torch's own writer.
@@ -11,6 +13,7 @@ import json
 import os
 import resource
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,12 +57,12 @@ def script_argv(model: Path, data: Path, run: Path, cache: Path, *extra: str) ->
             "--cache-dir", str(cache), *extra]
 
 
-def run_script(argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+def run_script(argv: list[str], capsys, monkeypatch, script: str = "train.py") -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", [script, *argv])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code = 0
     try:
-        runpy.run_path(str(ROOT / "scripts" / "train.py"), run_name="__main__")
+        runpy.run_path(str(ROOT / "scripts" / script), run_name="__main__")
     except SystemExit as exit_info:
         code = exit_info.code
     captured = capsys.readouterr()
@@ -126,9 +129,10 @@ def assert_one_error(code: int, err: str, *needles: str) -> str:
 def test_bad_data_file(case, trained, demo_rows, capsys, monkeypatch):
     before = snapshot(trained["run"])
     data = _bad_rows(trained["base"], demo_rows, case)
-    code, _, err = run_script(script_argv(trained["model"], data, trained["run"], trained["cache"]), capsys,
-                              monkeypatch)
+    code, out, err = run_script(script_argv(trained["model"], data, trained["run"], trained["cache"]), capsys,
+                                monkeypatch)
     assert_one_error(code, err, data.name, *DATA_CASES[case])
+    assert "memory plan" not in out  # the data is read before the plan is printed: its error comes first and alone
     assert snapshot(trained["run"]) == before
 
 
@@ -223,3 +227,57 @@ def test_disk_full_while_saving_keeps_the_last_checkpoint(trained, limit_kb):
     assert snapshot(trained["run"] / "checkpoints") == before
     assert not [p for p in trained["run"].rglob(".*-*")]  # nothing half-written left behind
     assert find_checkpoint(trained["run"]).name == "step-000002"
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "cut":  # a copy that did not finish
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "broken":
+        path.write_text('{"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"', encoding="utf-8")
+    else:  # whole JSON, but a field PEFT cannot use
+        path.write_text(json.dumps({**json.loads(path.read_text(encoding="utf-8")), "r": "eight"}), encoding="utf-8")
+
+
+def _damaged_copy(trained: dict[str, Path], name: str, file: str, how: str) -> Path:
+    """A copy of the trained run with one of its files damaged (the run itself stays as it was)."""
+    run = trained["base"] / name
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(trained["run"], run)
+    _damage(run / file, how)
+    return run
+
+
+@pytest.mark.parametrize("file,needles", [
+    ("adapter_model.safetensors", ["not a whole safetensors file", "incomplete metadata"]),
+    ("trainer_state.pt", ["unreadable", "cut short or damaged"]),
+], ids=["adapter-cut", "trainer-state-cut"])
+def test_resume_from_a_damaged_checkpoint(file, needles, trained, capsys, monkeypatch):
+    run = _damaged_copy(trained, f"damaged-{file}", f"checkpoints/step-000002/{file}", "cut")
+    code, _, err = run_script(script_argv(trained["model"], trained["data"], run, trained["cache"], "--resume",
+                                          str(run), "--max-steps", "3"), capsys, monkeypatch)
+    line = assert_one_error(code, err, f"step-000002/{file}", *needles)
+    assert f"--resume {run / 'checkpoints' / 'step-000001'}" in line  # the checkpoint before, to resume from
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("script", ["grade.py", "evaluate.py"])
+@pytest.mark.parametrize("file,how,needles", [
+    ("adapter_model.safetensors", "cut", ["not a whole safetensors file", "cut short or damaged"]),
+    ("adapter_config.json", "broken", ["not valid JSON", "at line 1, column", "cut short or damaged"]),
+], ids=["weights-cut", "config-broken"])
+def test_a_damaged_adapter_is_one_line_naming_the_file(script, file, how, needles, trained, capsys, monkeypatch):
+    adapter = _damaged_copy(trained, f"damaged-{script}-{how}", f"adapter/{file}", how) / "adapter"
+    argv = ["--adapter", str(adapter), *(["--text", "An article.", "A summary."] if script == "grade.py" else [])]
+    code, _, err = run_script(argv, capsys, monkeypatch, script=script)
+    assert_one_error(code, err, str(adapter / file), *needles)
+    assert "Traceback" not in err
+
+
+def test_an_adapter_peft_refuses_is_a_user_error(trained):
+    """The files are whole but PEFT cannot use them (a field of the wrong type): one line, naming the config."""
+    from gemma_lowmem.errors import UserError
+    from gemma_lowmem.model import load_adapter
+
+    adapter = _damaged_copy(trained, "refused", "adapter/adapter_config.json", "wrong_type") / "adapter"
+    with pytest.raises(UserError, match=r"adapter: this adapter does not load onto .*adapter_config\.json"):
+        load_adapter(tiny_gemma3(), adapter)

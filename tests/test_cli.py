@@ -155,11 +155,11 @@ def test_freed_memory_goes_back_to_the_os_only_when_the_budget_is_tight(tiny_mod
     calls = []
     monkeypatch.setattr(run, "return_freed_memory_to_os", lambda: calls.append(True))
     roomy = RunConfig(train=TrainConfig(max_mem="64GB"))
-    run.plan_budget(str(tiny_model_dir), roomy, torch.device("cpu"), keep=())
+    run.plan_budget(run.load_model_config(str(tiny_model_dir)), roomy, torch.device("cpu"), keep=())
     assert calls == []
     plan = run.plan_run(roomy, run.load_model_config(str(tiny_model_dir)), torch.device("cpu"))
     tight = RunConfig(train=TrainConfig(max_mem=str(int(plan.predicted_peak * 2))))  # fits, but not 3.2x over
-    run.plan_budget(str(tiny_model_dir), tight, torch.device("cpu"), keep=())
+    run.plan_budget(run.load_model_config(str(tiny_model_dir)), tight, torch.device("cpu"), keep=())
     assert calls == [True]
 
 
@@ -191,15 +191,16 @@ def test_columns_in_a_config_file_are_checked(tmp_path, capsys, monkeypatch):
 # ------------------------------------------------------------------------------- where the run's outputs are
 
 
-def train_to_the_end(argv: list[str], capsys, monkeypatch) -> str:
-    """scripts/train.py in-process, expected to finish (exit code 0); its stdout."""
+def train_to_the_end(argv: list[str], capsys, monkeypatch) -> tuple[str, str]:
+    """scripts/train.py in-process, expected to finish (exit code 0); its stdout and stderr (the loop's events)."""
     monkeypatch.setattr(sys, "argv", ["train.py", *argv])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     try:
         runpy.run_path(str(ROOT / "scripts" / "train.py"), run_name="__main__")
     except SystemExit as exit_info:
         assert exit_info.code in (0, None), capsys.readouterr().err[-2000:]
-    return capsys.readouterr().out
+    captured = capsys.readouterr()
+    return captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +234,7 @@ def printed(out: str) -> dict[str, str]:
 def test_a_finished_run_prints_its_adapter_report_summary_and_a_resume_command_that_works(
         tiny_model_dir, small_data, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
-    out = train_to_the_end(run_flags(tiny_model_dir, small_data, run, "--max-steps", "2", "--evaluate",
+    out, err = train_to_the_end(run_flags(tiny_model_dir, small_data, run, "--max-steps", "2", "--evaluate",
                                      "--max-new-tokens", "4"), capsys, monkeypatch)
     block = printed(out)
     assert block["run"] == f"run finished: {run}"
@@ -244,8 +245,8 @@ def test_a_finished_run_prints_its_adapter_report_summary_and_a_resume_command_t
     command = shlex.split(block["resume"])
     assert command[:2] == ["python", "scripts/train.py"]
     # The printed command resumes this run from its last checkpoint (with one more step to train).
-    out = train_to_the_end([*command[2:], "--max-steps", "3", "--no-evaluate"], capsys, monkeypatch)
-    assert f"resumed from {run / 'checkpoints' / 'step-000002'} at step 2" in out
+    out, err = train_to_the_end([*command[2:], "--max-steps", "3", "--no-evaluate"], capsys, monkeypatch)
+    assert f"resumed from {run / 'checkpoints' / 'step-000002'} at step 2" in err
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
     assert printed(out)["report"].startswith("none (evaluation off); write one with: python scripts/evaluate.py "
                                              f"--adapter {run / 'adapter'}")
@@ -257,7 +258,7 @@ def test_an_early_stopped_run_prints_where_things_are(tiny_model_dir, small_data
     losses = iter(range(1, 100))  # validation loss that only rises: patience 1 stops at the second validation
     monkeypatch.setattr(train, "validation_loss", lambda *args, **kwargs: float(next(losses)))
     run = tmp_path / "run"
-    out = train_to_the_end(run_flags(tiny_model_dir, small_data, run, "--max-steps", "10",
+    out, err = train_to_the_end(run_flags(tiny_model_dir, small_data, run, "--max-steps", "10",
                                      "--early-stopping-patience", "1"), capsys, monkeypatch)
     block = printed(out)
     assert block["run"] == f"run stopped early (validation loss stopped improving): {run}"
@@ -286,7 +287,7 @@ def test_a_run_stopped_by_a_signal_prints_where_things_are_and_skips_evaluation(
 
     monkeypatch.setattr(train, "sft_loss", loss_that_signals)
     run = tmp_path / "run with space"
-    out = train_to_the_end(run_flags(tiny_model_dir, small_data, run, "--max-steps", "10", "--evaluate"), capsys,
+    out, err = train_to_the_end(run_flags(tiny_model_dir, small_data, run, "--max-steps", "10", "--evaluate"), capsys,
                            monkeypatch)
     block = printed(out)
     assert block["run"] == f"run stopped by a signal (the last step is checkpointed): {run}"

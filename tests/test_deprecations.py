@@ -2,12 +2,12 @@
 ``constraints.txt`` pins every dependency ``setup.cfg`` names, within its range.
 
 A warning is ours when, at the moment it is raised, the innermost frame of this repository on the stack is in
-``gemma_lowmem/`` or ``kernels/``: the library's deprecated API was reached through our call, however deep inside
-the library the warning itself sits (``is_gradient_checkpointing`` is read by peft inside ``get_peft_model``). A
-warning raised while a library is being imported (torch warns about its own ``torch.jit`` use) is not a call of
-ours, nor is one reached from test code alone. Each stage of a representative run is its own test, so a failure
-names the stage: load (int8 and float) + LoRA, tokenize + fit with checkpointing and packed rows, generation,
-adapter save + load.
+``gemma_lowmem/`` or ``kernels/gemma_lowmem_kernels/``: the library's deprecated API was reached through our call,
+however deep inside the library the warning itself sits (``is_gradient_checkpointing`` is read by peft inside
+``get_peft_model``). A warning raised while a library is being imported (torch warns about its own ``torch.jit``
+use) is not a call of ours, nor is one reached from test code alone. Each stage of a representative run is its own
+test, so a failure names the stage: load (int8 and float) + LoRA, tokenize + fit with checkpointing and packed
+rows, generation, adapter save + load.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import gemma_lowmem
-import kernels
+import gemma_lowmem_kernels
 from gemma_lowmem.checkpoint import save_adapter
 from gemma_lowmem.config import LoraConfig, ModelConfig, TrainConfig
 from gemma_lowmem.data.collate import collate_for
@@ -39,7 +39,7 @@ from gemma_lowmem.train import fit
 from tests.tiny import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = (Path(gemma_lowmem.__file__).resolve().parent, Path(kernels.__file__).resolve().parent)
+OURS = (Path(gemma_lowmem.__file__).resolve().parent, Path(gemma_lowmem_kernels.__file__).resolve().parent)
 CATEGORIES = (FutureWarning, DeprecationWarning)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py

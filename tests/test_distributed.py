@@ -27,10 +27,13 @@ from gemma_lowmem.loss import sft_loss
 from gemma_lowmem.tasks.summary_eval import DEMO_FILE
 from tests.test_reliability import assert_same_weights, lora_model, train_losses
 from tests.test_train import examples, fit_sft
+from tests.tolerance import assert_as_accurate, fp64_copy
 
 ROOT = Path(__file__).resolve().parents[1]
+# fp32, not "auto": on a CPU with native bf16 (AVX-512, AMX) "auto" autocasts, and parameters one fp32 ulp apart
+# (ranks sum gradients in another order) then round to different bf16 values.
 DDP_CFG = TrainConfig(max_steps=6, lr=1e-2, batch_size=2, grad_accum=2, eval_every=2, save_every=2,
-                      keep_checkpoints=5, pack_len=64, warmup_ratio=0.0)
+                      keep_checkpoints=5, pack_len=64, warmup_ratio=0.0, precision="fp32")
 # (name, config changes, dropout): each run the worker does, in order
 RUNS = [
     ("pack", {}, 0.0),
@@ -111,18 +114,24 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(two_ranks, tmp_
     train, val = data()
     cfg = replace(DDP_CFG, grad_accum=2 * DDP_CFG.grad_accum, **changes)
     model = lora_model(dropout=0.0)
-    single = fit_sft(model, train, val, cfg, run_dir=tmp_path, show_progress=False)
+    single = fit_sft(model, train, val, cfg, run_dir=tmp_path / "fp32", show_progress=False)
+    gold_model = fp64_copy(lora_model(dropout=0.0))
+    gold = fit_sft(gold_model, train, val, cfg, run_dir=tmp_path / "fp64", show_progress=False)
     ddp_history = [json.loads(line) for line in (two_ranks / name / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in ddp_history] == [r["step"] for r in single.history]  # rank 0's records only
-    # the gradient norm too: Adam would hide gradients off by a constant factor from the losses
-    keys = ("loss", "val_loss", "grad_norm")
-    for a, b in zip(ddp_history, single.history):
-        assert [a.get(k) for k in keys] == pytest.approx([b.get(k) for k in keys], rel=1e-5, abs=1e-6), a["step"]
+    # Two ranks sum each window's gradients in another order than one process, and Adam carries that through the
+    # steps: the two-rank run may be a small factor worse than the one-process run, both against the fp64 run.
+    # The gradient norm too: Adam would hide gradients off by a constant factor from the losses.
+    for key in ("loss", "val_loss", "grad_norm"):
+        assert [key in r for r in ddp_history] == [key in r for r in single.history] == [key in r for r in gold.history]
+        ddp, one, fp64 = ([r[key] for r in h if key in r] for h in (ddp_history, single.history, gold.history))
+        assert_as_accurate(torch.tensor(ddp), torch.tensor(one), torch.tensor(fp64, dtype=torch.float64), name=key)
     rank0, rank1 = (lora_state(two_ranks / f"{name}-rank{r}.pt") for r in range(2))
-    for key, value in model.named_parameters():
-        if value.requires_grad:
-            assert torch.equal(rank0[key], rank1[key]), key  # DDP keeps the replicas identical
-            torch.testing.assert_close(rank0[key], value.detach(), rtol=1e-4, atol=1e-6)
+    lora = {key: value.detach() for key, value in model.named_parameters() if value.requires_grad}
+    for key in lora:
+        assert torch.equal(rank0[key], rank1[key]), key  # DDP keeps the replicas identical
+    gold_lora = {key: value.detach() for key, value in gold_model.named_parameters() if value.requires_grad}
+    assert_as_accurate({key: rank0[key] for key in lora}, lora, gold_lora, per_tensor=False, name="weights")
     results = json.loads((two_ranks / "rank0.json").read_text())[name]
     assert results["tokens"] == single.tokens  # token counts are summed over ranks
 
@@ -178,7 +187,7 @@ def test_torchrun_runs_the_training_script_data_parallel(tmp_path):
 
     def run(command: list[str], folder: str, *extra: str) -> list[dict]:
         argv = script_argv(model, data, tmp_path / folder, tmp_path / "cache", "--lora-dropout", "0",
-                           "--max-steps", "3", *extra)
+                           "--max-steps", "3", "--precision", "fp32", *extra)  # fp32: see DDP_CFG
         done = subprocess.run([*command, *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         return [json.loads(line) for line in (tmp_path / folder / "metrics.jsonl").read_text().splitlines()]

@@ -13,11 +13,14 @@ from gemma_lowmem.config import DataConfig, EvalConfig, LoraConfig, ModelConfig,
 from gemma_lowmem.data.conversation import Conversation
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.evaluation.rouge import rouge_pair
-from gemma_lowmem.evaluation.rubric import CRITERIA, parse_rubric, render_rubric
+from gemma_lowmem.evaluation.rubric import render_rubric
+from gemma_lowmem.evaluation.rubric_parse import parse_rubric
 from gemma_lowmem.model import add_lora
 from gemma_lowmem.tasks import get_task, sources, summary_eval
+from gemma_lowmem.tasks.summary_rubric import SUMMARY_RUBRIC
 from tests.tiny import news_record
 
+CRITERIA = SUMMARY_RUBRIC.criteria
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
 config_for_eval = runpy.run_path(str(SCRIPT))["config_for_eval"]  # the script's merge of run config and flags
 
@@ -67,10 +70,10 @@ def test_off_by_some_points(conversations):
     # Two answers re-rendered with coverage lowered by 5 (total too), the rest garbage.
     outputs = ["nothing"] * len(conversations)
     for i in (0, 1):
-        target = parse_rubric(conversations[i].messages[-1]["content"])
+        target = parse_rubric(conversations[i].messages[-1]["content"], SUMMARY_RUBRIC)
         scores = {k: int(v) for k, v in target.scores.items()}
         scores["coverage"] = max(0, scores["coverage"] - 5)
-        outputs[i] = render_rubric(scores, target.feedback, target.suggestions, target.comments, "en")
+        outputs[i] = render_rubric(scores, target.feedback, target.suggestions, target.comments, "en", SUMMARY_RUBRIC)
     drops = [conversations[i].meta["scores"]["coverage"] - max(0, conversations[i].meta["scores"]["coverage"] - 5)
              for i in (0, 1)]
     metrics = summary_eval.score_outputs(conversations, outputs)["metrics"]

@@ -81,7 +81,7 @@ def unseen_answers(n: int, seed: int) -> list[dict[str, list[int]]]:
 
 
 RESUME_CFG = TrainConfig(
-    max_steps=12, lr=0.1, scheduler="constant", warmup_ratio=0.0, batch_size=2, grad_accum=3, eval_every=2,
+    max_steps=20, lr=0.1, scheduler="constant", warmup_ratio=0.0, batch_size=2, grad_accum=3, eval_every=2,
     early_stopping_patience=2, save_every=1, keep_checkpoints=100, pack_len=48,
 )
 
@@ -149,8 +149,8 @@ def test_signal_saves_at_the_step_boundary_and_resume_continues_exactly(tmp_path
                       loss_fn=signalling_loss({7: signal.SIGTERM}))
     assert stopped.stopped == "signal" and stopped.steps == 4
     assert signal.getsignal(signal.SIGTERM) == handler  # the loop's handler is gone again
-    out = capsys.readouterr().out
-    assert f"checkpoint saved in {tmp_path / 'run' / 'checkpoints' / 'step-000004'}" in out
+    err = capsys.readouterr().err  # the loop's events go to stderr
+    assert f"checkpoint saved in {tmp_path / 'run' / 'checkpoints' / 'step-000004'}" in err
     assert not (tmp_path / "run" / "checkpoints" / "step-000005").exists()
     resumed = fit_sft(lora_model(seed=7), data, val, replace(SIGNAL_CFG, resume=str(tmp_path / "run")),
                       run_dir=tmp_path / "run", show_progress=False)
@@ -501,8 +501,8 @@ def test_sigterm_to_the_script_exits_0_with_a_checkpoint_and_resume_goes_on(tmp_
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    lines = [line for line in out.splitlines() if "checkpoint saved in" in line]
-    assert len(lines) == 1, out
+    lines = [line for line in err.splitlines() if "checkpoint saved in" in line]  # the loop's events: stderr
+    assert len(lines) == 1, err
     saved = checkpoint.find_checkpoint(run)
     assert f"stopped by signal at step {checkpoint.checkpoint_step(saved)}; checkpoint saved in {saved}" in lines[0]
     assert 2 <= checkpoint.checkpoint_step(saved) < 500
@@ -511,7 +511,7 @@ def test_sigterm_to_the_script_exits_0_with_a_checkpoint_and_resume_goes_on(tmp_
                                                  str(steps))], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"resumed from {saved} at step {steps - 1}" in done.stdout
+    assert f"resumed from {saved} at step {steps - 1}" in done.stderr
     assert json.loads((run / "summary.json").read_text())["steps"] == steps
 
 

@@ -1,10 +1,15 @@
-"""Read rows from local JSONL, JSON, CSV or Parquet files with errors that name file, row and field.
+"""Read rows from local JSONL, JSON, CSV, Parquet or Excel (.xlsx) files with errors that name file, row and field.
 
 Every task reads its local data through :func:`read_records`; hub data sets go through
 :func:`load_hub_records`, which turns "no network" into one clear message. Both take ``columns`` (``--columns``), a
 mapping from a task's field to the column that holds it in this data (``{"article": "text"}``), in the spirit of
 TRL's and axolotl's field mappings: each row gets the field copied from that column, so the checks and the task see
 their own names. A row that has no such column keeps its own field of that name, if any.
+
+A JSONL line that is not JSON is a bad row like any other (it names its line): :func:`read_records` raises it, or
+with ``skip_bad_rows`` (training's ``--skip-bad-rows``) skips and counts it; grading (:mod:`gemma_lowmem.grading`)
+always skips and counts bad rows. Its neighbours are read either way. A ``.json`` file is one document: malformed,
+it has no rows to keep.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from gemma_lowmem.errors import UserError
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".xlsx")
 Columns = Mapping[str, str]  # task field -> the data's column
 
 
@@ -66,7 +71,7 @@ def check_columns(columns: Columns | None, fields: Sequence[str], task: str) -> 
                         f"{', '.join(fields)}")
 
 
-def _warn_unmatched(where: str, rows: list[Any], columns: Columns | None) -> None:
+def warn_unmatched(where: str, rows: list[Any], columns: Columns | None) -> None:
     """Say so when a mapped column is in no row and neither is its field (an optional field's typo)."""
     keys = set().union(*(r.keys() for r in rows if isinstance(r, dict))) if rows else set()
     for name, column in (columns or {}).items():
@@ -88,24 +93,30 @@ class BadRows:
             self.reasons.append(reason)
 
 
+def json_error(err: json.JSONDecodeError, line: bool = True) -> str:
+    """``err`` as ``<what> at line L, column C`` (``line=False``: ``at column C``), for a message.
+
+    json's own text may end in "at" already ("Unterminated string starting at"); it is not doubled.
+    """
+    where = f"line {err.lineno}, column {err.colno}" if line else f"column {err.colno}"
+    return f"{err.msg.removesuffix(' at')} at {where}"
+
+
 def _rows_jsonl(path: Path, text: str) -> Iterable[tuple[str, Any]]:
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             yield f"line {line_no}", json.loads(line)
-        except json.JSONDecodeError as err:
-            yield (
-                f"line {line_no}",
-                UserError(f"{path}: line {line_no}: malformed JSON ({err.msg} at column {err.colno})"),
-            )
+        except json.JSONDecodeError as err:  # the line's bad row: the caller raises it or skips it
+            yield f"line {line_no}", UserError(f"{path}: line {line_no}: malformed JSON ({json_error(err, False)})")
 
 
 def _rows_json(path: Path, text: str) -> Iterable[tuple[str, Any]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise UserError(f"{path}: malformed JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+        raise UserError(f"{path}: malformed JSON ({json_error(err)})") from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the single list inside
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -121,7 +132,13 @@ def _rows_csv(path: Path, text: str) -> Iterable[tuple[str, Any]]:
     csv.field_size_limit(sys.maxsize)  # news articles exceed the 128 KB default
     reader = csv.DictReader(text.splitlines(keepends=True))
     for i, row in enumerate(reader):
-        yield f"row {i + 2}", row  # row 1 is the header
+        extra = row.pop(None, None)  # cells past the header's columns (DictReader's restkey)
+        if extra:  # the row's bad: the caller raises it or skips it
+            yield f"row {i + 2}", UserError(
+                f"{path}: row {i + 2}: {len(extra)} more cell(s) than the header has columns (an unquoted comma "
+                "inside a text? put the text in double quotes)")
+        else:
+            yield f"row {i + 2}", row  # row 1 is the header
 
 
 def _rows_parquet(path: Path) -> Iterable[tuple[str, Any]]:
@@ -137,6 +154,48 @@ def _rows_parquet(path: Path) -> Iterable[tuple[str, Any]]:
         yield f"row {i}", row
 
 
+def _rows_xlsx(path: Path) -> Iterable[tuple[str, Any]]:
+    """The first sheet of an Excel workbook: row 1 names the columns, each later row is a row (``row N`` as Excel
+    numbers it). An empty cell reads as ``""``, as in a CSV file (a spreadsheet has no null); blank rows are skipped,
+    and so are columns without a name."""
+    try:
+        import openpyxl
+    except ImportError:
+        raise UserError(f"{path}: reading .xlsx needs openpyxl (pip install openpyxl, or the [app] extra)") from None
+    try:
+        book = openpyxl.load_workbook(path, read_only=True, data_only=True)  # data_only: formulas' saved values
+    except Exception as err:  # openpyxl raises zipfile, KeyError and its own errors for a file that is not xlsx
+        raise UserError(f"{path}: not a readable .xlsx workbook ({type(err).__name__}: {err}); save it from Excel "
+                        "as .xlsx, or as .csv (UTF-8)") from None
+    try:
+        cells = book.worksheets[0].iter_rows(values_only=True)
+        header = next(cells, ())
+        names = {i: str(name).strip() for i, name in enumerate(header) if name is not None and str(name).strip()}
+        seen: dict[str, int] = {}
+        for i, name in names.items():
+            if name in seen:
+                raise UserError(f"{path}: columns {_column_letter(seen[name])} and {_column_letter(i)} are both "
+                                f"named '{name}'; rename one")
+            seen[name] = i
+        for number, values in enumerate(cells, start=2):  # row 1 is the header
+            if all(v is None or (isinstance(v, str) and not v.strip()) for v in values):
+                continue
+            yield f"row {number}", {name: "" if i >= len(values) or values[i] is None else values[i]
+                                    for i, name in names.items()}
+    finally:
+        book.close()
+
+
+def _column_letter(index: int) -> str:
+    """Excel's name of the 0-based column ``index`` (0 -> A, 26 -> AA)."""
+    letters = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        letters = chr(ord("A") + rest) + letters
+    return letters
+
+
 def _read_text(path: Path) -> str:
     raw = path.read_bytes()
     try:
@@ -147,6 +206,36 @@ def _read_text(path: Path) -> str:
             f"{path}: line {line}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); "
             "re-save the file as UTF-8"
         ) from None
+
+
+def read_rows(path: str | Path) -> list[tuple[str, Any]]:
+    """Every row of a local data file as it stands, with where it is, unchecked and unmapped.
+
+    Args:
+        path: a ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` or ``.xlsx`` (first sheet) file.
+
+    Returns:
+        ``(where, row)`` in file order, ``where`` as messages name it (``line 3``, ``row 4``, ``item 2``); a JSONL
+        line that is not JSON comes as the :class:`UserError` naming it, in place of its row. Blank JSONL lines
+        are no rows.
+
+    Raises:
+        UserError: no such file, an unknown suffix, a file that is not UTF-8, a malformed ``.json`` or Parquet file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give a {'/'.join(SUPPORTED_SUFFIXES)} file")
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise UserError(f"{path}: unknown file type '{suffix}'; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+    if suffix == ".parquet":
+        return list(_rows_parquet(path))
+    if suffix == ".xlsx":
+        return list(_rows_xlsx(path))
+    reader = {".jsonl": _rows_jsonl, ".json": _rows_json, ".csv": _rows_csv}[suffix]
+    return list(reader(path, _read_text(path)))
 
 
 def read_records(
@@ -160,10 +249,11 @@ def read_records(
     """Read a local data file into a list of dicts.
 
     Args:
-        path: a ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file.
+        path: a ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` or ``.xlsx`` (first sheet) file.
         required: fields every row must have (non-null), after ``columns``.
         text_fields: fields that must be non-empty strings.
-        skip_bad_rows: skip rows that fail the checks (counted in ``bad_rows``) instead of raising.
+        skip_bad_rows: skip rows that fail the checks, JSONL lines that are not JSON included (counted in
+            ``bad_rows``), instead of raising.
         bad_rows: collects the skipped rows' reasons.
         columns: task field -> column in this file (module docstring); the rows carry both names.
 
@@ -174,23 +264,10 @@ def read_records(
         UserError: naming the file, the line or row and the field.
     """
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder; give a {'/'.join(SUPPORTED_SUFFIXES)} file")
-    suffix = path.suffix.lower()
-    if suffix not in SUPPORTED_SUFFIXES:
-        raise UserError(f"{path}: unknown file type '{suffix}'; use one of {', '.join(SUPPORTED_SUFFIXES)}")
-    if suffix == ".parquet":
-        rows = _rows_parquet(path)
-    else:
-        reader = {".jsonl": _rows_jsonl, ".json": _rows_json, ".csv": _rows_csv}[suffix]
-        rows = reader(path, _read_text(path))
-
+    rows = read_rows(path)
     bad_rows = bad_rows if bad_rows is not None else BadRows()
-    records, raw = [], []
+    records = []
     for where, row in rows:
-        raw.append(row)
         row = apply_columns(row, columns)
         problem = _check_row(path, where, row, required, text_fields, columns)
         if problem is None:
@@ -202,7 +279,7 @@ def read_records(
     if not records:
         detail = f" ({bad_rows.count} bad rows skipped)" if bad_rows.count else ""
         raise UserError(f"{path}: no usable rows{detail}")
-    _warn_unmatched(str(path), raw, columns)
+    warn_unmatched(str(path), [row for _, row in rows], columns)
     return records
 
 
@@ -253,5 +330,5 @@ def load_hub_records(name: str, config: str | None, split: str, columns: Columns
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
             "Offline? Give a local file with --data PATH (JSONL/CSV/Parquet) or use --demo"
         ) from None
-    _warn_unmatched(f"{name} ({split})", rows, columns)
+    warn_unmatched(f"{name} ({split})", rows, columns)
     return [apply_columns(row, columns) for row in rows]

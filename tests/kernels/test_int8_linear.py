@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from kernels.int8_embedding import quantize_rows
-from kernels.int8_linear import int8_linear, int8_linear_ref
+from gemma_lowmem_kernels.int8_embedding import quantize_rows
+from gemma_lowmem_kernels.int8_linear import int8_linear, int8_linear_ref
 
 # `import kernels.int8_linear as ...` would bind the function that kernels/__init__.py exports under that name
-int8_linear_module = importlib.import_module("kernels.int8_linear")
+int8_linear_module = importlib.import_module("gemma_lowmem_kernels.int8_linear")
 
 IN, OUT, LEAD = 67, 1003, (3, 5)  # odd on purpose: no dimension is a power of two or a multiple of a block
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels.int8_embedding import quantize_rows
-from kernels.linear_cross_entropy import (
+from gemma_lowmem_kernels.int8_embedding import quantize_rows
+from gemma_lowmem_kernels.linear_cross_entropy import (
     DEFAULT_CHUNK_BYTES,
     _default_block_rows,
     _default_chunk_size,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.int8_embedding import DEFAULT_CHUNK_ELEMENTS
+from gemma_lowmem_kernels.int8_embedding import DEFAULT_CHUNK_ELEMENTS
 
 
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:

@@ -10,9 +10,9 @@
 Nothing here imports ``gemma_lowmem``.
 """
 
-from kernels.int8_embedding import Int8Embedding, int8_embedding_ref, quantize_rows
-from kernels.int8_linear import int8_linear, int8_linear_ref
-from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from gemma_lowmem_kernels.int8_embedding import Int8Embedding, int8_embedding_ref, quantize_rows
+from gemma_lowmem_kernels.int8_linear import int8_linear, int8_linear_ref
+from gemma_lowmem_kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 
 __all__ = [
     "Int8Embedding",

@@ -10,8 +10,8 @@ backward recomputes logits from ``hidden`` and the head instead of saving them. 
   gradient. Measured on CPU, fp32, 512 tokens, vocab 262,144, hidden 640, frozen weight: 535 MiB peak RSS
   above the inputs against 2,065 MiB for the full-logits reference.
 - **Frozen row-wise int8 head** (``weight`` (V, H) int8 and ``weight_scale`` (V,), W = weight * weight_scale[:, None],
-  the format of ``kernels.int8_embedding``): a block of vocabulary rows at a time for all labelled tokens at
-  once, with an online log-sum-exp across blocks. The token loop would re-read the whole head per chunk, and
+  the format of ``gemma_lowmem_kernels.int8_embedding``): a block of vocabulary rows at a time for all labelled
+  tokens at once, with an online log-sum-exp across blocks. The token loop would re-read the whole head per chunk, and
   here each read is a dequantization (~0.5 s for 262k x 2048 on a 2-core CPU); the vocabulary loop dequantizes
   each block once per pass (forward, backward), so no float copy of the whole head ever exists. The blocks
   are dequantized on ``hidden``'s device, so the int8 table may stay on the CPU. Backward sums the hidden
@@ -83,7 +83,7 @@ def _check_args(hidden: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         return
     if weight.dtype != torch.int8:
         raise ValueError(f"weight_scale is given but weight is {weight.dtype}: the scaled head must be int8 "
-                         "(kernels.int8_embedding.quantize_rows); pass weight_scale=None for a float head")
+                         "(gemma_lowmem_kernels.int8_embedding.quantize_rows); pass weight_scale=None for a float head")
     if weight_scale.shape != weight.shape[:1] or not weight_scale.is_floating_point():
         raise ValueError(f"weight_scale {tuple(weight_scale.shape)} {weight_scale.dtype}: must be a float tensor "
                          f"of shape ({weight.shape[0]},), one scale per row of weight")
@@ -301,8 +301,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         labels: (N,) or (B, T) targets already aligned with ``hidden`` (the caller shifts: label i is the
             target of hidden i); ``ignore_index`` marks tokens without a loss.
         weight_scale: (V,) float row scales of an int8 ``weight`` (W = weight * weight_scale[:, None], as
-            ``kernels.int8_embedding.quantize_rows`` and ``Int8Embedding``'s ``q`` and ``scale`` store it); it
-            must not require grad. None for a float head.
+            ``gemma_lowmem_kernels.int8_embedding.quantize_rows`` and ``Int8Embedding``'s ``q`` and ``scale`` store
+            it); it must not require grad. None for a float head.
         ignore_index: label value that contributes no loss and no gradient.
         softcap: Gemma's final-logit softcap (``softcap * tanh(logits / softcap)``); None for none.
         chunk_size: float head: labelled tokens per chunk, None keeping one chunk's fp32 logits under 256 MiB.
