@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from gemma_lowmem.cli import run_script
-from gemma_lowmem.config import ModelConfig
+from gemma_lowmem.config import DataConfig, ModelConfig
 from gemma_lowmem.device import default_device, resolve_precision
 from gemma_lowmem.errors import UserError
+from gemma_lowmem.evaluation.guided import Decoding
 from gemma_lowmem.grading import grade
 from gemma_lowmem.model import float_weight_cache, load_base_model, load_tokenizer, resolve_model_path
 
@@ -75,8 +76,9 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.rounds):
             for setting in (("off", "on") if r % 2 == 0 else ("on", "off")):
                 start = time.perf_counter()
-                grades = grade(model, tokenizer, rows, lang="en", mode=mode, batch_size=len(rows),
-                               show_progress=False, autocast=autocast, memory_budget=0 if setting == "off" else None)
+                decoding = Decoding(mode=mode, batch_size=len(rows), show_progress=False, autocast=autocast,
+                                    memory_budget=0 if setting == "off" else None)
+                grades = grade(model, tokenizer, rows, DataConfig(lang="en"), decoding)
                 seconds[setting].append((time.perf_counter() - start) / len(rows))
                 scores[setting] = [g.scores for g in grades]
         off, on = min(seconds["off"]), min(seconds["on"])

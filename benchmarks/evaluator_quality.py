@@ -33,7 +33,7 @@ from gemma_lowmem.config import DataConfig, EvalConfig, ModelConfig, RunConfig, 
 from gemma_lowmem.device import default_device, resolve_precision
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.evaluation.answers import answer_and_score
-from gemma_lowmem.evaluation.guided import MODES
+from gemma_lowmem.evaluation.guided import MODES, Decoding
 from gemma_lowmem.model import load_adapter, load_base_model, load_tokenizer, resolve_model_path
 from gemma_lowmem.run import train_from_config
 from gemma_lowmem.tasks import get_task
@@ -212,9 +212,10 @@ def main(argv: list[str] | None = None) -> None:
                 continue  # done in an earlier, cut run
             print(f"grading {len(conversations)} summaries: {system}, {mode}{suffix}", flush=True)
             with model.disable_adapter() if system == "base" else contextlib.nullcontext():
-                result = answer_and_score(model, tokenizer, conversations, task.score_outputs, rubric=task.rubric,
-                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                          system_role=cfg.model.system_role, mode=mode, autocast=autocast)
+                decoding = Decoding(mode=mode, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                    system_role=cfg.model.system_role, autocast=autocast)
+                result = answer_and_score(model, tokenizer, conversations, task.score_outputs, decoding,
+                                          rubric=task.rubric)
             systems.setdefault(system, {})[mode + suffix] = _summary(result)
             _write_json(out, results)
             part = systems[system][mode + suffix]

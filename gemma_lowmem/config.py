@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from gemma_lowmem.errors import UserError
+from gemma_lowmem.tasks import task_names  # the registry names its tasks without importing them
+
+# How rubric answers are decoded (``evaluation.guided``, which reads them from here as ``MODES``): defined where
+# importing costs nothing, for --mode's choices.
+EVAL_MODES = ("guided", "scores", "free")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -101,8 +106,7 @@ class DataConfig:
     """Which task and data, and how conversations become token rows."""
 
     task: str = _f(
-        "summary_eval",
-        "task: summary_eval, topic, topic_grade, essay, essay_write, preference (DPO), preference_sft",
+        "summary_eval", f"task: {', '.join(task_names())}, or one added with tasks.register_task"
     )
     data: str | None = _f(
         None, "data: a local JSONL/CSV/Parquet file, or a hub data set id (default: the task's hub set)"
@@ -112,7 +116,7 @@ class DataConfig:
     demo: bool = _f(
         False, "use the small demo set bundled in the package (and the bundled Gemma 3 270M unless --model)"
     )
-    lang: str = _f("ko", "prompt language: ko (default) or en", choices=("ko", "en"))
+    lang: str = _f("ko", "prompt language: ko (Korean) or en (English)", choices=("ko", "en"))
     max_train_samples: int | None = _f(2000, "at most this many training rows (none: all)")
     max_val_samples: int | None = _f(500, "at most this many validation rows (none: all)")
     max_seq_length: int = _f(2048, "longest conversation in tokens; longer ones get their article cut")
@@ -183,6 +187,10 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(True, "recompute each layer's activations in backward (non-reentrant)")
     chunked_loss: bool = _f(True, "chunked LM head + cross-entropy: never builds the full-vocabulary logits")
     loss_chunk_size: int | None = _f(None, "tokens per loss chunk (none: sized to ~256 MB of logits)")
+    float_weights: bool | None = _f(
+        None, "keep float copies of the frozen int8 linears for the whole run instead of dequantizing them at every "
+        "forward, backward and recompute (none: the memory plan keeps them where they fit the budget)"
+    )
     packing: bool = _f(True, "pack conversations into full rows (attention never crosses a conversation)")
     pack_len: int | None = _f(None, "tokens per packed row (none: the data's max_seq_length)")
     bucketing: bool = _f(True, "without packing: batch conversations of similar length (less padding)")
@@ -192,9 +200,12 @@ class TrainConfig:
     log_every: int = _f(1, "write a metrics line every N optimizer steps")
     save_every: int = _f(100, "checkpoint every N optimizer steps (0: only at the end)")
     keep_checkpoints: int = _f(2, "keep the last N step checkpoints")
-    max_mem: str = _f("8GB", "memory budget for the whole run, e.g. 8GB, 7.5GiB, 8000MB")
-    resume: str | None = _f(None, "continue from this checkpoint folder (or a run folder: its latest checkpoint)")
-    push_to_hub: str | None = _f(None, "push the final adapter to this hub repo (needs network and a token)")
+    max_mem: str = _f("8GB", "memory budget for the whole run, e.g. 8GB, 7.5GiB, 8000MB",
+                      metavar="SIZE")
+    resume: str | None = _f(None, "continue from this checkpoint folder (or a run folder: its latest checkpoint)",
+                            metavar="DIR")
+    push_to_hub: str | None = _f(None, "push the final adapter to this hub repo (needs network and a token)",
+                                 metavar="REPO_ID")
 
     def __post_init__(self) -> None:
         _check_positive("epochs", self.epochs)
@@ -236,7 +247,7 @@ class EvalConfig:
     report_examples: int = _f(5, "examples shown in report.md")
     mode: str = _f(
         "guided", "rubric tasks: guided (the code writes the format, the model the scores and texts), scores (score "
-        "slots only, fastest), free (plain generation, parsed)", choices=("guided", "scores", "free"),
+        "slots only, fastest), free (plain generation, parsed)", choices=EVAL_MODES,
     )
 
     def __post_init__(self) -> None:

@@ -26,6 +26,7 @@ from gemma_lowmem.device import default_device, resolve_precision
 from gemma_lowmem.distributed import current_ranks, init_distributed
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.evaluation.answers import answer_and_score, compare_systems
+from gemma_lowmem.evaluation.guided import Decoding
 from gemma_lowmem.evaluation.report import write_report
 from gemma_lowmem.memory import GLIBC_RETAINED_FACTOR, enforce_cap, parse_size, return_freed_memory_to_os
 from gemma_lowmem.model import (
@@ -36,7 +37,7 @@ from gemma_lowmem.model import (
     load_tokenizer,
     resolve_model_path,
 )
-from gemma_lowmem.planner import PLANNED, load_model_config, plan_run
+from gemma_lowmem.planner import apply_plan, load_model_config, plan_run
 from gemma_lowmem.tasks import TaskTraining, get_task
 from gemma_lowmem.train import FitResult, fit
 
@@ -73,20 +74,16 @@ def writable_dir(folder: Path) -> Path:
     return folder
 
 
-def plan_budget(model_path: str, cfg: RunConfig, device: torch.device, keep: Collection[str],
+def plan_budget(model_config: Any, cfg: RunConfig, device: torch.device, keep: Collection[str],
                 activation_factor: float = 1.0) -> RunConfig:
     """Fit the run into ``--max-mem``: the config with the planner's micro-batch, accumulation, checkpointing and
-    loss chunk (settings in ``keep`` stay as given) and, on a GPU, the per-layer table's place; prints the plan.
-    Stops before loading if the load cannot fit.
-    ``activation_factor``: the task's (:class:`~gemma_lowmem.tasks.Task`)."""
-    plan = plan_run(cfg, load_model_config(model_path), device, keep, activation_factor)
-    planned = plan.apply(cfg)
-    changed = [f"{name} {getattr(cfg.train, name)} -> {getattr(planned.train, name)}" for name in PLANNED
-               if getattr(cfg.train, name) != getattr(planned.train, name)]
-    if planned.model.embeddings_on_cpu != cfg.model.embeddings_on_cpu:
-        changed.append("embeddings_on_cpu False -> True")
-    print(f"memory plan for --max-mem {cfg.train.max_mem} on {device.type}"
-          + (f" ({'; '.join(changed)})" if changed else "") + "\n" + plan.table())
+    loss chunk (settings in ``keep`` stay as given) and, on a GPU, the per-layer table's place; prints the plan
+    (:func:`~gemma_lowmem.planner.plan_run` and :func:`~gemma_lowmem.planner.apply_plan`, as
+    ``scripts/plan_memory.py`` does). Stops before loading if the load cannot fit.
+    ``model_config``: the model's (:func:`~gemma_lowmem.planner.load_model_config`); ``activation_factor``: the
+    task's (:class:`~gemma_lowmem.tasks.Task`)."""
+    plan = plan_run(cfg, model_config, device, keep, activation_factor)
+    planned = apply_plan(cfg, plan, device.type)
     if device.type == "cpu" and plan.predicted_peak * GLIBC_RETAINED_FACTOR > plan.budget:
         return_freed_memory_to_os()  # the budget is tight: give freed blocks back at once (slower, see memory.py)
     return planned
@@ -122,7 +119,7 @@ def setup(cfg: RunConfig, keep: Collection[str] = ()) -> Prepared:
 
     Args:
         cfg: the run's config.
-        keep: settings the memory planner must not change (``memory.PLANNED`` names; ``scripts/train.py`` passes
+        keep: settings the memory planner must not change (``planner.PLANNED`` names; ``scripts/train.py`` passes
             the ones given on the command line, a preset or a config file).
     """
     ranks = init_distributed()  # under torchrun: join the process group (NCCL on GPUs, gloo on the CPU)
@@ -134,11 +131,12 @@ def setup(cfg: RunConfig, keep: Collection[str] = ()) -> Prepared:
     if cfg.train.resume:
         find_checkpoint(cfg.train.resume)  # fail now, not after the model has loaded
     task = get_task(cfg.data.task)
-    # reads the model config: an offline hub id fails here
-    cfg = plan_budget(model_path, cfg, device, keep, task.activation_factor)
-    # Read SFT data before the (slow) model load, so bad rows fail fast.
+    model_config = load_model_config(model_path)  # an offline hub id fails here
+    # The SFT data next, before the plan is printed and the (slow) model load: a bad file fails alone and at once
+    # (the planner changes no data setting).
     sft = task.prepare_training is None
     train_convs, val_convs = task.build_datasets(cfg.data, cfg.train.seed) if sft else ([], [])
+    cfg = plan_budget(model_config, cfg, device, keep, task.activation_factor)
     print(f"model {cfg.model.model} -> {model_path}")
     tokenizer = load_tokenizer(model_path)
     base = load_base_model(cfg.model, device, cfg.train.precision)
@@ -194,12 +192,9 @@ def report_after_training(cfg: RunConfig, prepared: Prepared) -> Path | None:
     autocast = resolve_precision(next(prepared.model.parameters()).device, cfg.train.precision).autocast
 
     def answer(model: torch.nn.Module) -> dict[str, Any]:
-        return answer_and_score(
-            model, prepared.tokenizer, prepared.val_conversations, task.score_outputs, rubric=task.rubric,
-            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.gen_batch_size,
-            system_role=cfg.model.system_role, examples=cfg.eval.report_examples, mode=cfg.eval.mode,
-            autocast=autocast, memory_budget=parse_size(cfg.train.max_mem),
-        )
+        return answer_and_score(model, prepared.tokenizer, prepared.val_conversations, task.score_outputs,
+                                Decoding.from_config(cfg, autocast), rubric=task.rubric,
+                                examples=cfg.eval.report_examples)
 
     systems = compare_systems(prepared.model, True, answer)
     report = {"settings": {"task": cfg.data.task, "model": cfg.model.model, "eval": asdict(cfg.eval)},

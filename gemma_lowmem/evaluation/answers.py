@@ -9,7 +9,6 @@ the rubric.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -21,8 +20,8 @@ from peft import PeftModel
 from gemma_lowmem.data.conversation import Conversation, Message
 from gemma_lowmem.data.tokenize import render
 from gemma_lowmem.errors import UserError
-from gemma_lowmem.evaluation.generate import Autocast
-from gemma_lowmem.evaluation.guided import RubricAnswer, rubric_answers
+from gemma_lowmem.evaluation.generate import generate_texts
+from gemma_lowmem.evaluation.guided import Decoding, RubricAnswer, rubric_answers
 from gemma_lowmem.evaluation.metrics import agreement
 from gemma_lowmem.evaluation.rubric import RubricSpec
 from gemma_lowmem.memory import PeakMemory
@@ -45,16 +44,10 @@ def generate_answers(
     model: torch.nn.Module,
     tokenizer: Any,
     message_lists: list[list[Message]],
+    decoding: Decoding,
     *,
-    max_new_tokens: int,
-    batch_size: int,
-    system_role: bool,
-    show_progress: bool = True,
-    mode: str = "free",
     rubric: RubricSpec | None = None,
     lang: str = "ko",
-    autocast: Autocast = contextlib.nullcontext,
-    memory_budget: int | None = None,
 ) -> tuple[list[str], list[RubricAnswer], dict[str, Any]]:
     """Render each message list with a generation prompt and answer it (free greedy, or guided by a rubric).
 
@@ -62,17 +55,12 @@ def generate_answers(
         model: the causal LM (a PEFT model generates with its active adapter).
         tokenizer: its tokenizer.
         message_lists: the turns before each answer.
-        max_new_tokens: longest free answer in tokens.
-        batch_size: prompts per generation batch.
-        system_role: keep a system turn (else folded into the first user turn), as in training.
-        show_progress: show a progress bar.
-        mode: ``free``, ``guided`` or ``scores`` (:mod:`gemma_lowmem.evaluation.guided`); without ``rubric``
-            always ``free``.
+        decoding: how to render and decode (:class:`~gemma_lowmem.evaluation.guided.Decoding`): its ``mode``
+            holds for a rubric (without one the answers are free); the int8 layers' float copies kept while
+            decoding (:func:`~gemma_lowmem.model.float_weight_cache`) fit in what is free within its
+            ``memory_budget`` (the run's ``--max-mem``).
         rubric: the answers' :class:`~gemma_lowmem.evaluation.rubric.RubricSpec` (None: not a rubric task).
         lang: the answers' language.
-        autocast: zero-argument callable returning the context manager of every forward (training's).
-        memory_budget: the run's budget in bytes (``--max-mem``); the int8 layers' float copies kept while
-            decoding (:func:`~gemma_lowmem.model.float_weight_cache`) fit in what is free within it.
 
     Returns:
         ``(prompts, answers, stats)``; stats: ``mode``, ``prompts``, ``seconds``, ``seconds_per_answer``,
@@ -80,16 +68,21 @@ def generate_answers(
         tokens are not counted), ``answer_tokens_per_s``, ``peak_memory_gib`` (CUDA allocated and reserved, or
         CPU peak RSS, of this phase), ``float_weights`` (GiB of float copies kept, layers left on the kernel).
     """
-    mode = mode if rubric is not None else "free"
-    prompts = [render(tokenizer, m, add_generation_prompt=True, system_role=system_role) for m in message_lists]
+    mode = decoding.mode if rubric is not None else "free"
+    prompts = [render(tokenizer, m, add_generation_prompt=True, system_role=decoding.system_role)
+               for m in message_lists]
     device = next(model.parameters()).device
     peak = PeakMemory(device)
     peak.reset()
     start = time.perf_counter()
-    with float_weight_cache(model, budget=memory_budget) as weights:
-        answers = rubric_answers(model, tokenizer, prompts, **({"spec": rubric} if rubric is not None else {}),
-                                 lang=lang, mode=mode, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 show_progress=show_progress, autocast=autocast)
+    with float_weight_cache(model, budget=decoding.memory_budget) as weights:
+        if rubric is None:  # free answers, nothing to parse
+            texts = generate_texts(model, tokenizer, prompts, max_new_tokens=decoding.max_new_tokens,
+                                   batch_size=decoding.batch_size, show_progress=decoding.show_progress,
+                                   autocast=decoding.autocast)
+            answers = [RubricAnswer(text, None) for text in texts]
+        else:
+            answers = rubric_answers(model, tokenizer, prompts, spec=rubric, lang=lang, decoding=decoding)
         float_weights = {"gib": weights.used / 2**30, "layers_without": weights.skipped}
     seconds = time.perf_counter() - start  # exact: generation copies each batch's tokens to the host (a sync)
     prompt_tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
@@ -111,36 +104,24 @@ def answer_and_score(
     tokenizer: Any,
     conversations: list[Conversation],
     score_outputs: ScoreOutputs,
+    decoding: Decoding,
     *,
     rubric: RubricSpec | None = None,
-    max_new_tokens: int,
-    batch_size: int,
-    system_role: bool,
-    show_progress: bool = True,
     examples: int = EXAMPLES,
-    mode: str = "guided",
-    autocast: Autocast = contextlib.nullcontext,
-    memory_budget: int | None = None,
 ) -> dict[str, Any]:
     """Answer each conversation's prompt (all turns but the last) and score the answers.
 
-    With a ``rubric`` the answers are decoded in ``mode`` (guided by default: every answer is valid and each score
-    comes with its expected value); without one they are generated freely.
+    With a ``rubric`` the answers are decoded in ``decoding.mode`` (guided by default: every answer is valid and
+    each score comes with its expected value); without one they are generated freely.
 
     Args:
         model: the causal LM; a PEFT model generates with its adapter (inside ``disable_adapter()``: without).
         tokenizer: its tokenizer.
         conversations: the evaluation conversations; the last turn of each is the target answer.
         score_outputs: the task's ``score_outputs(conversations, outputs)``: metrics, rows and plot specs.
+        decoding: how to render and decode, as in :func:`generate_answers`.
         rubric: the answers' rubric (a task's ``Task.rubric``); None: free generation.
-        max_new_tokens: longest answer in tokens.
-        batch_size: prompts per generation batch.
-        system_role: as the model was trained (Gemma: False, the system text goes into the first user turn).
-        show_progress: show a progress bar.
         examples: how many examples (prompt excerpt, answer, target, scores) to keep for the report.
-        mode: ``guided``, ``scores`` or ``free`` for a rubric task.
-        autocast: zero-argument callable returning the context manager of every forward (training's).
-        memory_budget: as in :func:`generate_answers`.
 
     Returns:
         One system's report part: ``n``; ``metrics`` (the task's, plus ``generation``: mode, time, tokens/s,
@@ -150,11 +131,8 @@ def answer_and_score(
     """
     if not conversations:
         raise ValueError("no conversations to evaluate")
-    prompts, answers, stats = generate_answers(
-        model, tokenizer, [c.messages[:-1] for c in conversations], max_new_tokens=max_new_tokens,
-        batch_size=batch_size, system_role=system_role, show_progress=show_progress, mode=mode, rubric=rubric,
-        lang=conversations[0].meta.get("lang", "ko"), autocast=autocast, memory_budget=memory_budget,
-    )
+    prompts, answers, stats = generate_answers(model, tokenizer, [c.messages[:-1] for c in conversations], decoding,
+                                               rubric=rubric, lang=conversations[0].meta.get("lang", "ko"))
     outputs = [a.text for a in answers]
     scored = score_outputs(conversations, outputs)
     if rubric is not None and stats["mode"] != "free":

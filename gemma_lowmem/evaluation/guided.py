@@ -1,7 +1,7 @@
 """Guided rubric decoding: the code writes the answer's fixed text, the model writes only the slots.
 
 The answer format is :func:`~gemma_lowmem.evaluation.rubric.rubric_template` of a
-:class:`~gemma_lowmem.evaluation.rubric.RubricSpec` (the summary rubric in Korean or English, the essay rubric...):
+:class:`~gemma_lowmem.evaluation.rubric.RubricSpec` (the caller's: each task has its own, in Korean or English):
 fixed text (title, headings, labels, ``/max``) and slots. The fixed text is fed to the model as tokens, exactly as
 training tokenized it (Gemma writes every digit and newline as a token of its own, so the pieces tokenize alone as
 they do inside the whole answer); the slots are read from the model:
@@ -27,6 +27,10 @@ better at the same training cost (the README's evaluator-quality section).
 Modes (:data:`MODES`): ``free`` (plain greedy generation, parsed; kept for comparison), ``guided`` (every slot) and
 ``scores`` (score slots only: the comments and texts are left empty, for fast batch grading). ``guided`` and
 ``scores`` give a valid answer by construction.
+
+The mode and the other decoding settings (token caps, batch size, the prompts' system turn, autocast, the memory
+budget of the float weight copies, the progress bar) travel as one :class:`Decoding` value, from the flags or the
+run's config down to the decoder.
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
+from gemma_lowmem.config import EVAL_MODES as MODES
 from gemma_lowmem.evaluation.generate import (
     Autocast,
     Decoder,
@@ -49,20 +54,70 @@ from gemma_lowmem.evaluation.generate import (
     stop_token_ids,
     token_ids_containing,
 )
-from gemma_lowmem.evaluation.rubric import (
-    SUMMARY_RUBRIC,
-    RubricResult,
-    RubricSpec,
-    Slot,
-    parse_rubric,
-    render_rubric,
-    rubric_template,
-)
+from gemma_lowmem.evaluation.rubric import RubricSpec, Slot, render_rubric, rubric_template
+from gemma_lowmem.evaluation.rubric_parse import RubricResult, parse_rubric
+from gemma_lowmem.memory import parse_size
 
-MODES = ("free", "guided", "scores")
+if TYPE_CHECKING:
+    from gemma_lowmem.config import RunConfig
+
 SLOT_TOKENS: Mapping[str, int] = {"comment": 48, "feedback": 160, "suggestions": 128}
 """Token cap of each free-text slot (the summary task's targets: comments 10-35 tokens, feedback 20-120)."""
 _LEADING_DASH = re.compile(r"^[\s\-–—:]+")  # the " - " between a score and its comment
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a model answers prompts: one value from the flags or the run's config down to the decoder.
+
+    Attributes:
+        mode: how a rubric answer is decoded, one of :data:`MODES`: ``guided`` (every slot), ``scores`` (score
+            slots only) or ``free`` (plain generation, parsed); answers without a rubric are always free.
+        max_new_tokens: the longest free answer in tokens; in ``guided`` mode also the cap of every free-text slot.
+        batch_size: prompts per batch (sorted by length, so each batch pads little).
+        system_role: render a prompt's system turn as one (else it is folded into the first user turn), as the
+            model was trained (Gemma: False).
+        autocast: zero-argument callable returning the context manager of every forward (training's
+            ``Precision.autocast``).
+        memory_budget: a budget in bytes for the int8 layers' float copies kept while decoding
+            (:func:`~gemma_lowmem.model.float_weight_cache`); None: what the device has free.
+        show_progress: show a progress bar.
+        slot_tokens: ``guided`` mode's cap per free-text slot kind (``comment``, ``feedback``, ``suggestions``);
+            None: :data:`SLOT_TOKENS`.
+    """
+
+    mode: str = "guided"
+    max_new_tokens: int = 384
+    batch_size: int = 8
+    system_role: bool = False
+    autocast: Autocast = contextlib.nullcontext
+    memory_budget: int | None = None
+    show_progress: bool = True
+    slot_tokens: Mapping[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"Decoding.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Decoding.{name}={getattr(self, name)!r} must be > 0")
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, autocast: Autocast, show_progress: bool = True) -> Decoding:
+        """The decoding a run's config asks for: ``eval.mode``, ``eval.max_new_tokens`` and ``eval.gen_batch_size``,
+        the model's ``system_role``, and ``train.max_mem`` as the memory budget.
+
+        Args:
+            cfg: the run configuration.
+            autocast: training's autocast for the device (``resolve_precision(device, precision).autocast``).
+            show_progress: show a progress bar.
+
+        Returns:
+            The settings.
+        """
+        return cls(mode=cfg.eval.mode, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.gen_batch_size,
+                   system_role=cfg.model.system_role, autocast=autocast, memory_budget=parse_size(cfg.train.max_mem),
+                   show_progress=show_progress)
 
 
 @dataclass
@@ -86,13 +141,14 @@ class RubricAnswer:
 
     Attributes:
         text: the answer: the rendered guided answer, or the generated text in ``free`` mode.
-        result: ``parse_rubric(text, spec)``: scores, total, texts, validity.
+        result: ``parse_rubric(text, spec)``: scores, total, texts, validity (None: a free answer of a task
+            without a rubric, not parsed).
         readings: criterion key -> :class:`ScoreReading`; empty in ``free`` mode.
         expected_total: the sum of the criteria's expected scores (None in ``free`` mode).
     """
 
     text: str
-    result: RubricResult
+    result: RubricResult | None
     readings: dict[str, ScoreReading] = field(default_factory=dict)
     expected_total: float | None = None
 
@@ -193,16 +249,11 @@ def rubric_answers(
     tokenizer: Any,
     prompts: Sequence[str],
     *,
-    spec: RubricSpec = SUMMARY_RUBRIC,
-    lang: str = "ko",
-    mode: str = "guided",
-    max_new_tokens: int = 384,
-    slot_tokens: Mapping[str, int] | None = None,
-    batch_size: int = 8,
-    show_progress: bool = True,
-    autocast: Autocast = contextlib.nullcontext,
+    spec: RubricSpec,
+    lang: str,
+    decoding: Decoding,
 ) -> list[RubricAnswer]:
-    """Answer rendered rubric prompts in one of :data:`MODES`.
+    """Answer rendered rubric prompts in ``decoding.mode``.
 
     Args:
         model: the evaluator (a PEFT model answers with its active adapter).
@@ -210,34 +261,30 @@ def rubric_answers(
         prompts: rendered prompts, generation prompt included (they hold their special tokens).
         spec: the rubric.
         lang: the answer's language (one of ``spec.titles``).
-        mode: ``free``, ``guided`` or ``scores`` (see the module docstring).
-        max_new_tokens: ``free`` mode's longest answer; in ``guided`` mode the longest free-text slot.
-        slot_tokens: ``guided`` mode's cap per free-text slot kind (``comment``, ``feedback``, ``suggestions``);
-            default :data:`SLOT_TOKENS` (each at most ``max_new_tokens``).
-        batch_size: prompts per batch (sorted by length).
-        show_progress: show a progress bar.
-        autocast: zero-argument callable returning the context manager of every forward (training's
-            ``Precision.autocast``).
+        decoding: the mode (see the module docstring), token caps (each slot's at most ``max_new_tokens``), batch
+            size, autocast and progress bar; its ``system_role`` and ``memory_budget`` are the caller's (the
+            prompts come rendered, the float weight copies are the caller's to keep).
 
     Returns:
         One answer per prompt, in order.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    mode = decoding.mode
     if mode == "free":
-        texts = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               show_progress=show_progress, autocast=autocast)
+        texts = generate_texts(model, tokenizer, prompts, max_new_tokens=decoding.max_new_tokens,
+                               batch_size=decoding.batch_size, show_progress=decoding.show_progress,
+                               autocast=decoding.autocast)
         return [RubricAnswer(t, parse_rubric(t, spec)) for t in texts]
     template = rubric_template(lang, spec)
-    caps = {kind: min(cap, max_new_tokens) for kind, cap in (slot_tokens or SLOT_TOKENS).items()}
+    caps = {kind: min(cap, decoding.max_new_tokens) for kind, cap in (decoding.slot_tokens or SLOT_TOKENS).items()}
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     answers: list[RubricAnswer | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(prompts), desc=f"grading ({mode})", unit="prompt", disable=not show_progress, leave=False)
-    for batch in length_sorted_batches([len(i) for i in ids], batch_size):
+    bar = tqdm(total=len(prompts), desc=f"grading ({mode})", unit="prompt", disable=not decoding.show_progress,
+               leave=False)
+    for batch in length_sorted_batches([len(i) for i in ids], decoding.batch_size):
         done = _guided_batch(model, tokenizer, [ids[i] for i in batch], template, spec, lang, mode, caps,
-                             autocast)
+                             decoding.autocast)
         for i, answer in zip(batch, done):
             answers[i] = answer
         bar.update(len(batch))

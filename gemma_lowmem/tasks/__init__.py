@@ -4,14 +4,15 @@ A task is data and functions, not a subclass of anything: :func:`get_task` finds
 :func:`register_task` adds one from any project (the built-in tasks are registered by module path and imported
 on first use). The run asks a task for its conversations (``build_datasets``) and trains SFT on them, unless the
 task has an objective of its own (``prepare_training``); evaluation asks it to score generated answers
-(``score_outputs``) and decodes rubric answers guided by its ``rubric``; the memory planner reads its
+(``score_outputs``) and decodes rubric answers guided by its ``rubric``; grading (``scripts/grade.py --task``)
+asks a task with a rubric for the messages that grade a new row (``request``); the memory planner reads its
 ``activation_factor``.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ from gemma_lowmem.errors import UserError
 
 if TYPE_CHECKING:
     from gemma_lowmem.config import DataConfig, RunConfig
-    from gemma_lowmem.data.conversation import Conversation
+    from gemma_lowmem.data.conversation import Conversation, Message
     from gemma_lowmem.evaluation.rubric import RubricSpec
 
 
@@ -42,6 +43,29 @@ class TaskTraining:
 
 
 @dataclass(frozen=True)
+class Request:
+    """How a rubric task asks its trained model to grade one new row (``grading``, ``scripts/grade.py --task``).
+
+    Attributes:
+        messages: ``(row, data config) -> messages`` up to the answer; ``row`` holds the fields below (an optional
+            one may be missing or empty); the data config is the training run's (``lang``, ``max_article_length``).
+        required: fields each row needs as non-empty text (e.g. the article).
+        may_be_empty: fields each row needs as text, possibly empty (e.g. a student's blank summary).
+        optional: fields read when a row has them (e.g. the reference).
+    """
+
+    messages: Callable[[Mapping[str, Any], DataConfig], list[Message]]
+    required: tuple[str, ...]
+    may_be_empty: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """``id``, then every input field in the order above: what ``--columns`` may map, the output's order."""
+        return ("id", *self.required, *self.may_be_empty, *self.optional)
+
+
+@dataclass(frozen=True)
 class Task:
     """One task, as the run, the evaluation and the planner use it.
 
@@ -57,6 +81,8 @@ class Task:
         activation_factor: sequences through the policy per data row, for the memory planner (2.0 for preference
             pairs: chosen and rejected both keep activations).
         summary_statistics: ``(conversations) -> dict`` for ``scripts/prepare_data.py`` (None: counts only).
+        request: how to ask the trained model to grade a new row (None: grading does not serve the task); a task
+            with a ``rubric`` and a ``request`` is graded by ``scripts/grade.py --task``.
     """
 
     name: str
@@ -66,6 +92,7 @@ class Task:
     rubric: RubricSpec | None = None
     activation_factor: float = 1.0
     summary_statistics: Callable[[list[Conversation]], dict[str, Any]] | None = None
+    request: Request | None = None
 
     def validation_conversations(self, data: DataConfig, seed: int) -> list[Conversation]:
         """The conversations to evaluate: the validation set of ``data``, at most ``data.max_val_samples``.

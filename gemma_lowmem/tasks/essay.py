@@ -32,14 +32,16 @@ import logging
 import math
 import re
 import statistics
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from gemma_lowmem.config import DataConfig
 from gemma_lowmem.data.conversation import Conversation, Message
 from gemma_lowmem.evaluation.metrics import agreement, quadratic_weighted_kappa
-from gemma_lowmem.evaluation.rubric import parse_rubric, render_rubric
-from gemma_lowmem.tasks import Task
+from gemma_lowmem.evaluation.rubric import render_rubric
+from gemma_lowmem.evaluation.rubric_parse import parse_rubric
+from gemma_lowmem.tasks import Request, Task
 from gemma_lowmem.tasks.essay_feedback import essay_features, split_total, write_feedback
 from gemma_lowmem.tasks.essay_rubric import CRITERIA_HELP, ESSAY_CRITERIA, ESSAY_RUBRIC, MAX_TOTAL
 from gemma_lowmem.tasks.sources import BadRow, HubSet, LoadedRows, MissingField, Row, load_rows
@@ -275,6 +277,22 @@ def scoring_prompt(essay: str, prompt: str | None = None, lang: str = "ko") -> l
     return [{"role": "system", "content": system_prompt(lang)}, {"role": "user", "content": user}]
 
 
+def grading_request(row: Mapping[str, Any], cfg: DataConfig) -> list[Message]:
+    """The messages that grade one new essay, as training shows essays (``Task.request``).
+
+    Args:
+        row: ``essay`` (its paragraphs laid out by :func:`clean_essay`) and an optional ``prompt``, the writing task
+            (on one line).
+        cfg: the training run's data configuration (``lang``).
+
+    Returns:
+        The messages of :func:`scoring_prompt`.
+    """
+    prompt = row.get("prompt")
+    prompt = " ".join(prompt.split()) if isinstance(prompt, str) else None
+    return scoring_prompt(clean_essay(row["essay"]), prompt or None, cfg.lang)
+
+
 def target_answer(record: Row, lang: str) -> tuple[str, dict[str, int]]:
     """The rubric answer for a normalised row, and its scores (criteria and ``total``)."""
     total = to_rubric(record["score"], record["score_min"], record["score_max"])
@@ -392,4 +410,5 @@ def score_outputs(conversations: list[Conversation], outputs: list[str]) -> dict
 
 
 TASK = Task("essay", build_datasets, score_outputs=score_outputs, rubric=ESSAY_RUBRIC,
-            summary_statistics=summary_statistics)
+            summary_statistics=summary_statistics, request=Request(grading_request, required=("essay",),
+                                                                  optional=("prompt",)))

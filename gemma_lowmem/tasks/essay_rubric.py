@@ -1,7 +1,7 @@
 """The essay rubric (claim 25, evidence 25, counter-arguments 15, organisation 20, expression 15) as data.
 
 :data:`ESSAY_RUBRIC` is a :class:`~gemma_lowmem.evaluation.rubric.RubricSpec`: pass it to
-:func:`~gemma_lowmem.evaluation.rubric.render_rubric` and :func:`~gemma_lowmem.evaluation.rubric.parse_rubric`,
+:func:`~gemma_lowmem.evaluation.rubric.render_rubric` and :func:`~gemma_lowmem.evaluation.rubric_parse.parse_rubric`,
 which write the answer laid out like task 1's (title, bold total, one line per criterion with a comment, overall
 feedback, suggestions) and read it back with every form that parser accepts. :data:`CRITERIA_HELP` is what the
 system prompt says each criterion asks.

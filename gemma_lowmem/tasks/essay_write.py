@@ -35,7 +35,7 @@ from typing import Any
 from gemma_lowmem.config import DataConfig
 from gemma_lowmem.data.conversation import Conversation, Message
 from gemma_lowmem.evaluation.rouge import rouge_pair
-from gemma_lowmem.evaluation.rubric import parse_rubric
+from gemma_lowmem.evaluation.rubric_parse import parse_rubric
 from gemma_lowmem.tasks import Task
 from gemma_lowmem.tasks.essay_feedback import essay_features
 from gemma_lowmem.tasks.essay_rubric import ESSAY_RUBRIC

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 
 from gemma_lowmem.evaluation.answers import EXAMPLES, generate_answers, prompt_excerpt
+from gemma_lowmem.evaluation.guided import Decoding
 from gemma_lowmem.evaluation.human import HUMAN_DIMENSIONS, Judgment, correlation_matrix
 from gemma_lowmem.evaluation.rouge import rouge_pair
-from gemma_lowmem.evaluation.rubric import CRITERIA, SUMMARY_RUBRIC
 from gemma_lowmem.tasks.summary_eval import evaluation_prompt
+from gemma_lowmem.tasks.summary_rubric import SUMMARY_RUBRIC
 from gemma_lowmem.text import cut_at_sentence_end
 
 # Each rubric criterion and the human dimension it measures; the total goes with the mean of the four ratings.
@@ -47,11 +48,11 @@ def grade_rated_summaries(
     model: torch.nn.Module,
     tokenizer: Any,
     judgments: list[Judgment],
+    decoding: Decoding,
     *,
     lang: str,
     max_article_length: int,
     examples: int = EXAMPLES,
-    **decoding: Any,
 ) -> dict[str, Any]:
     """Grade each rated summary with the rubric evaluator and correlate its scores with the human ratings.
 
@@ -62,11 +63,10 @@ def grade_rated_summaries(
         model: the evaluator.
         tokenizer: its tokenizer.
         judgments: the rated summaries (see :func:`~gemma_lowmem.evaluation.human.read_judgments`).
+        decoding: how to render and decode, as :func:`~gemma_lowmem.evaluation.answers.generate_answers` takes it.
         lang: prompt language, ``"ko"`` or ``"en"``.
         max_article_length: articles are cut to this many characters at a sentence end, as in training.
         examples: how many examples to keep for the report.
-        **decoding: how to decode, as :func:`~gemma_lowmem.evaluation.answers.generate_answers` takes it
-            (``max_new_tokens``, ``batch_size``, ``system_role``, ``mode``, ``autocast``, ...).
 
     Returns:
         One system's report part: ``n``, ``metrics`` (``valid_rate``, ``documents``, ``pairs``: criterion ~ its
@@ -76,11 +76,10 @@ def grade_rated_summaries(
     """
     messages = [evaluation_prompt(cut_at_sentence_end(j.article, max_article_length), j.summary, j.reference, lang)
                 for j in judgments]
-    prompts, answers, stats = generate_answers(model, tokenizer, messages, rubric=SUMMARY_RUBRIC, lang=lang,
-                                               **decoding)
+    prompts, answers, stats = generate_answers(model, tokenizer, messages, decoding, rubric=SUMMARY_RUBRIC, lang=lang)
     outputs = [a.text for a in answers]
     parsed = [a.result for a in answers]
-    scores = {key: [p.scores[key] if p.valid else None for p in parsed] for key in CRITERIA}
+    scores = {key: [p.scores[key] if p.valid else None for p in parsed] for key in SUMMARY_RUBRIC.criteria}
     scores["total"] = [p.total if p.valid else None for p in parsed]
     humans = _human_ratings(judgments)
     matrix = correlation_matrix([j.doc_id for j in judgments], scores, humans)

@@ -9,10 +9,14 @@ from gemma_lowmem.data.conversation import Conversation
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.evaluation.answers import answer_and_score, compare_systems, prompt_excerpt
 from gemma_lowmem.evaluation.generate import generate_texts
-from gemma_lowmem.evaluation.rubric import CRITERIA, parse_rubric
+from gemma_lowmem.evaluation.guided import Decoding
+from gemma_lowmem.evaluation.rubric_parse import parse_rubric
 from gemma_lowmem.model import add_lora
 from gemma_lowmem.tasks import get_task, summary_eval
+from gemma_lowmem.tasks.summary_rubric import SUMMARY_RUBRIC
 from tests.tiny import news_record, tiny_gemma3, tiny_tokenizer
+
+CRITERIA = SUMMARY_RUBRIC.criteria
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +35,9 @@ def _short_conversations(n: int) -> list[Conversation]:
 
 def test_answer_and_score_on_task_one(conversations):
     task = get_task("summary_eval")
-    result = answer_and_score(tiny_gemma3(), tiny_tokenizer(), conversations[:3], task.score_outputs,
-                              rubric=task.rubric, max_new_tokens=6, batch_size=2, system_role=False,
-                              show_progress=False, examples=2, mode="free")
+    decoding = Decoding(mode="free", max_new_tokens=6, batch_size=2, show_progress=False)
+    result = answer_and_score(tiny_gemma3(), tiny_tokenizer(), conversations[:3], task.score_outputs, decoding,
+                              rubric=task.rubric, examples=2)
     assert result["n"] == 3 and len(result["outputs"]) == 3 and result["metrics"]["valid_rate"] == 0.0
     assert [e["index"] for e in result["examples"]] == [0, 1]
     example = result["examples"][0]
@@ -47,16 +51,16 @@ def test_answer_and_score_on_task_one(conversations):
 def test_answer_and_score_guided_is_always_valid(conversations, mode, monkeypatch):
     monkeypatch.setattr("gemma_lowmem.evaluation.guided.SLOT_TOKENS", {"comment": 3, "feedback": 4, "suggestions": 4})
     task = get_task("summary_eval")
-    result = answer_and_score(tiny_gemma3(), tiny_tokenizer(), conversations[:3], task.score_outputs,
-                              rubric=task.rubric, max_new_tokens=6, batch_size=2, system_role=False,
-                              show_progress=False, examples=2, mode=mode)
+    decoding = Decoding(mode=mode, max_new_tokens=6, batch_size=2, show_progress=False)
+    result = answer_and_score(tiny_gemma3(), tiny_tokenizer(), conversations[:3], task.score_outputs, decoding,
+                              rubric=task.rubric, examples=2)
     metrics = result["metrics"]
     assert EvalConfig().mode == "guided"  # the default of every rubric task
     assert metrics["valid_rate"] == 1.0 and metrics["generation"]["mode"] == mode
     assert metrics["agreement"]["total"]["n_valid"] == 3
     expected = metrics["expected_agreement"]
     assert set(expected) == {"total", *CRITERIA} and expected["total"]["n_valid"] == 3
-    assert all(parse_rubric(o).valid for o in result["outputs"])
+    assert all(parse_rubric(o, SUMMARY_RUBRIC).valid for o in result["outputs"])
 
 
 def test_compare_evaluates_base_through_disabled_adapter():
@@ -68,7 +72,7 @@ def test_compare_evaluates_base_through_disabled_adapter():
             torch.nn.init.normal_(param, std=2.0)  # LoRA starts as a no-op; make it change the answers
     tokenizer, convs = tiny_tokenizer(), _short_conversations(3)
     systems = compare_systems(adapted, True, lambda m: answer_and_score(
-        m, tokenizer, convs, _count_outputs, max_new_tokens=6, batch_size=2, system_role=False, show_progress=False))
+        m, tokenizer, convs, _count_outputs, Decoding(max_new_tokens=6, batch_size=2, show_progress=False)))
     assert list(systems) == ["base", "adapter"]
     prompts = [e["prompt_excerpt"] for e in systems["base"]["examples"]]
     plain = generate_texts(tiny_gemma3(), tokenizer, prompts, max_new_tokens=6, show_progress=False)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from gemma_lowmem.evaluation.generate import Decoder, generate_ids
-from gemma_lowmem.evaluation.guided import read_score, rubric_answers
-from gemma_lowmem.evaluation.rubric import SUMMARY_RUBRIC
+from gemma_lowmem.evaluation.guided import Decoding, read_score, rubric_answers
 from gemma_lowmem.tasks.essay_rubric import ESSAY_RUBRIC
+from gemma_lowmem.tasks.summary_rubric import SUMMARY_RUBRIC
 from tests.tiny import tiny_gemma3, tiny_gemma3n, tiny_tokenizer
 
 DIGITS = list(range(10, 20))  # token ids standing for the digits 0-9 in the tiny vocabulary
@@ -85,9 +85,9 @@ def _prompts(tokenizer, n: int) -> list[str]:
 def test_guided_answers_are_always_valid(spec, lang, mode):
     tokenizer = tiny_tokenizer()
     prompts = _prompts(tokenizer, 7)
-    answers = rubric_answers(tiny_gemma3(seed=3), tokenizer, prompts, spec=spec, lang=lang, mode=mode,
-                             slot_tokens={"comment": 6, "feedback": 8, "suggestions": 8}, batch_size=3,
-                             show_progress=False)
+    decoding = Decoding(mode=mode, slot_tokens={"comment": 6, "feedback": 8, "suggestions": 8}, batch_size=3,
+                        show_progress=False)
+    answers = rubric_answers(tiny_gemma3(seed=3), tokenizer, prompts, spec=spec, lang=lang, decoding=decoding)
     assert len(answers) == len(prompts)
     for answer in answers:
         result = answer.result
@@ -105,8 +105,8 @@ def test_guided_answers_are_always_valid(spec, lang, mode):
 
 def test_free_mode_parses_plain_generation():
     tokenizer = tiny_tokenizer()
-    answers = rubric_answers(tiny_gemma3(), tokenizer, _prompts(tokenizer, 2), mode="free", max_new_tokens=5,
-                             show_progress=False)
+    answers = rubric_answers(tiny_gemma3(), tokenizer, _prompts(tokenizer, 2), spec=SUMMARY_RUBRIC, lang="ko",
+                             decoding=Decoding(mode="free", max_new_tokens=5, show_progress=False))
     assert len(answers) == 2 and all(not a.result.valid and a.readings == {} for a in answers)
 
 
@@ -123,11 +123,30 @@ def test_every_forward_runs_under_the_autocast_given_and_no_deprecation_warning(
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)
-        rubric_answers(model, tokenizer, _prompts(tokenizer, 2), slot_tokens={"comment": 2, "feedback": 2,
-                       "suggestions": 2}, show_progress=False, autocast=autocast)
+        decoding = Decoding(slot_tokens={"comment": 2, "feedback": 2, "suggestions": 2}, show_progress=False,
+                            autocast=autocast)
+        rubric_answers(model, tokenizer, _prompts(tokenizer, 2), spec=SUMMARY_RUBRIC, lang="ko", decoding=decoding)
     assert forwards and len(entered) == len(forwards)
 
 
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="mode must be one of"):
-        rubric_answers(tiny_gemma3(), tiny_tokenizer(), ["x"], mode="beam")
+        Decoding(mode="beam")
+
+
+@pytest.mark.parametrize("field", ["max_new_tokens", "batch_size"])
+def test_decoding_refuses_a_cap_or_batch_below_one(field):
+    with pytest.raises(ValueError, match=f"Decoding.{field}=0 must be > 0"):
+        Decoding(**{field: 0})
+
+
+def test_decoding_from_a_run_config_reads_eval_model_and_max_mem():
+    from gemma_lowmem.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
+
+    cfg = RunConfig(model=ModelConfig(system_role=True), train=TrainConfig(max_mem="3GB"),
+                    eval=EvalConfig(mode="scores", max_new_tokens=50, gen_batch_size=3))
+    decoding = Decoding.from_config(cfg, contextlib.nullcontext, show_progress=False)
+    assert decoding == Decoding(mode="scores", max_new_tokens=50, batch_size=3, system_role=True,
+                                autocast=contextlib.nullcontext, memory_budget=3 * 10**9, show_progress=False)
+    with pytest.raises(AttributeError):
+        decoding.mode = "free"  # type: ignore[misc]  # one frozen value

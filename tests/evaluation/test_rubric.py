@@ -6,9 +6,13 @@ import random
 
 import pytest
 
-from gemma_lowmem.evaluation import CRITERIA, MAX_TOTAL, RubricResult, parse_rubric, render_rubric
-from gemma_lowmem.evaluation.rubric import SECTION_HEADINGS, SUMMARY_RUBRIC, RubricSpec, render_rubric_spans
+import gemma_lowmem.evaluation
+from gemma_lowmem.evaluation import RubricResult, parse_rubric, render_rubric
+from gemma_lowmem.evaluation.rubric import SECTION_HEADINGS, RubricSpec, render_rubric_spans
 from gemma_lowmem.tasks.essay_rubric import ESSAY_RUBRIC
+from gemma_lowmem.tasks.summary_rubric import SUMMARY_RUBRIC
+
+CRITERIA, MAX_TOTAL = SUMMARY_RUBRIC.criteria, SUMMARY_RUBRIC.max_total
 
 KEYS = list(CRITERIA)
 MAXES = {k: v[0] for k, v in CRITERIA.items()}
@@ -62,8 +66,8 @@ def test_round_trip(lang: str, seed: int) -> None:
     scores = random_scores(rng)
     comments = {k: c for k, c in COMMENTS[lang].items() if rng.random() < 0.8}  # some lines without a comment
     feedback = FEEDBACK[lang] if seed % 3 else FEEDBACK[lang].split("\n")[0]
-    text = render_rubric(scores, feedback, SUGGESTIONS[lang], comments, lang=lang)
-    result = parse_rubric(text)
+    text = render_rubric(scores, feedback, SUGGESTIONS[lang], comments, lang, SUMMARY_RUBRIC)
+    result = parse_rubric(text, SUMMARY_RUBRIC)
     check(result, {k: float(v) for k, v in scores.items()}, float(sum(scores.values())), True)
     assert result.problems == [] and not result.total_computed
     assert result.feedback == feedback
@@ -74,14 +78,14 @@ def test_round_trip(lang: str, seed: int) -> None:
 def test_render_exact_format() -> None:
     text = render_rubric({"coverage": 32, "accuracy": 24, "conciseness": 14, "grammar": 8}, "피드백 문단.",
                          "- 제안 하나\n- 제안 둘", {"coverage": "가.", "accuracy": "나.", "conciseness": "다.",
-                                                "grammar": "라."})
+                                                "grammar": "라."}, "ko", SUMMARY_RUBRIC)
     assert text == (
         "요약 평가 결과:\n\n**세부 평가:**\n- 핵심 내용 포함도: 32/40 - 가.\n"
         "- 정확성: 24/30 - 나.\n- 간결성: 14/20 - 다.\n- 문법 및 표현: 8/10 - 라.\n\n**총점: 78/100**\n\n"
         "**전체 피드백:**\n피드백 문단.\n\n**개선 제안:**\n- 제안 하나\n- 제안 둘"
     )
     english = render_rubric({"coverage": 40, "accuracy": 0, "conciseness": 20, "grammar": 10}, "Fine.", "- None.",
-                            {"grammar": "Line\nbreak."}, lang="en")
+                            {"grammar": "Line\nbreak."}, "en", SUMMARY_RUBRIC)
     assert english.splitlines()[8] == "**Total score: 70/100**"
     assert "- Accuracy: 0/30\n" in english and "- Grammar and expression: 10/10 - Line break." in english
     assert "**Suggestions for improvement:**\n- None." in english and "**Overall feedback:**\nFine." in english
@@ -104,11 +108,12 @@ def test_render_exact_format() -> None:
 )
 def test_render_rejects_bad_input(scores: dict, comments: dict, lang: str) -> None:
     with pytest.raises(ValueError):
-        render_rubric(scores, "f", "s", comments, lang=lang)
+        render_rubric(scores, "f", "s", comments, lang, SUMMARY_RUBRIC)
 
 
 def test_render_accepts_whole_floats() -> None:
-    text = render_rubric({"coverage": 32.0, "accuracy": 24, "conciseness": 14, "grammar": 8}, "f", "s", {})
+    text = render_rubric({"coverage": 32.0, "accuracy": 24, "conciseness": 14, "grammar": 8}, "f", "s", {}, "ko",
+                         SUMMARY_RUBRIC)
     assert "- 핵심 내용 포함도: 32/40" in text and "**총점: 78/100**" in text
 
 
@@ -197,7 +202,7 @@ def test_generated_list_variants(lang: str, label_set: str, prefix: str, style: 
         text = rng.choice(CHATTER) + text
         if rng.random() < 0.3:
             text = text.replace("\n", "\r\n")
-        result = parse_rubric(text)
+        result = parse_rubric(text, SUMMARY_RUBRIC)
         try:
             if total_style == "missing":
                 check(result, scores, sum(scores.values()), False)
@@ -239,7 +244,7 @@ def test_generated_tables(lang: str, header: str, total_row: bool, seed: int) ->
         lines.append(f"| {label} " + cells(scores[k], MAXES[k], COMMENTS[lang][k]))
     if total_row:
         lines.append(f"| {'총점' if lang == 'ko' else 'Total'} " + cells(sum(scores.values()), 100, ""))
-    result = parse_rubric("\n".join(lines))
+    result = parse_rubric("\n".join(lines), SUMMARY_RUBRIC)
     check(result, {k: float(v) for k, v in scores.items()}, float(sum(scores.values())), total_row)
     assert result.comments == COMMENTS[lang]
 
@@ -247,7 +252,8 @@ def test_generated_tables(lang: str, header: str, total_row: bool, seed: int) ->
 def test_transposed_table() -> None:
     text = "\n".join(["| 핵심 내용 포함도 | 정확성 | 간결성 | 문법 및 표현 | 총점 |", "|:-:|:-:|:-:|:-:|:-:|",
                       "| 32 | 24/30 | 14점 | 8 | 78 |"])
-    check(parse_rubric(text), {"coverage": 32, "accuracy": 24, "conciseness": 14, "grammar": 8}, 78, True)
+    check(parse_rubric(text, SUMMARY_RUBRIC), {"coverage": 32, "accuracy": 24, "conciseness": 14, "grammar": 8}, 78,
+          True)
 
 
 def json_answer(scores: dict, lang: str, nesting: str) -> dict:
@@ -277,7 +283,7 @@ def test_generated_json(lang: str, nesting: str, wrap: str, indent: int | None) 
     body = json.dumps(json_answer(scores, lang, nesting), ensure_ascii=rng.random() < 0.3, indent=indent)
     text = {"bare": body, "fenced": f"```json\n{body}\n```", "chatter": f"Here is the result:\n{body}\nThanks!",
             "fenced_chatter": f"평가 결과입니다.\n\n```json\n{body}\n```\n\n{{\"total\": 1}}"}[wrap]
-    result = parse_rubric(text)
+    result = parse_rubric(text, SUMMARY_RUBRIC)
     check(result, {k: float(v) for k, v in scores.items()}, float(sum(scores.values())), True)
     assert result.feedback == FEEDBACK[lang]
     assert result.suggestions == SUGGESTIONS[lang]
@@ -289,7 +295,7 @@ def test_generated_json(lang: str, nesting: str, wrap: str, indent: int | None) 
 def test_truncated_json_keeps_what_was_written(cut: int) -> None:
     full = json.dumps({"coverage": 32, "accuracy": 24, "conciseness": 14, "grammar": 8, "total": 78,
                        "feedback": "A long feedback sentence that the model never finished writing."})
-    result = parse_rubric("```json\n" + full[:cut])
+    result = parse_rubric("```json\n" + full[:cut], SUMMARY_RUBRIC)
     check_invariants(result)
     expected = {k: v for k, v in json.loads(full).items() if f'"{k}": {v}' in full[:cut] and k in MAXES}
     for k in KEYS:  # every number written in full is read; nothing is invented
@@ -303,7 +309,7 @@ def test_truncated_json_keeps_what_was_written(cut: int) -> None:
 
 S = {"coverage": 32.0, "accuracy": 24.0, "conciseness": 14.0, "grammar": 8.0}
 NONE = dict.fromkeys(S)
-CANON = render_rubric({k: int(v) for k, v in S.items()}, "좋습니다.", "- 더 짧게.", {})
+CANON = render_rubric({k: int(v) for k, v in S.items()}, "좋습니다.", "- 더 짧게.", {}, "ko", SUMMARY_RUBRIC)
 
 
 def lines(*parts: str) -> str:
@@ -415,7 +421,7 @@ NASTY_BY_ID = [(c[0], c[1]) for c in NASTY]
 
 @pytest.mark.parametrize("text, scores, total, valid", [c[1:] for c in NASTY], ids=[c[0] for c in NASTY])
 def test_nasty(text: str, scores: dict, total: float | None, valid: bool) -> None:
-    result = parse_rubric(text)
+    result = parse_rubric(text, SUMMARY_RUBRIC)
     check_invariants(result)
     if any(isinstance(v, float) and v != v for v in scores.values()):  # NaN != NaN: compare the others
         assert all(result.scores[k] == v for k, v in scores.items() if v == v)
@@ -426,7 +432,7 @@ def test_nasty(text: str, scores: dict, total: float | None, valid: bool) -> Non
 
 def test_problems_name_the_fault() -> None:
     def problems(text: str) -> str:
-        return " | ".join(parse_rubric(text).problems)
+        return " | ".join(parse_rubric(text, SUMMARY_RUBRIC).problems)
 
     base = "핵심 내용 포함도: 32/40\n정확성: {a}\n간결성: 14/20\n문법: 8/10\n"
     assert "accuracy written out of 25" in problems(base.format(a="24/25") + "총점: 78")
@@ -445,7 +451,7 @@ def test_sections_and_comments() -> None:
             "- Accuracy: 24/30 — No factual errors.\n- Conciseness: 14/20: A bit long.\n- Grammar: 8/10\n\n"
             "**Overall feedback:** Inline start.\nSecond line with **bold**.\n\n---\n\n"
             "### Suggestions:\n1. Add figures.\n2. Cut the last sentence.\n")
-    result = parse_rubric(text)
+    result = parse_rubric(text, SUMMARY_RUBRIC)
     check(result, S, 78, True)
     assert result.feedback == "Inline start.\nSecond line with **bold**."
     assert result.suggestions == "1. Add figures.\n2. Cut the last sentence."
@@ -454,25 +460,25 @@ def test_sections_and_comments() -> None:
 
 
 def test_sentences_that_start_like_labels_stay_in_the_feedback() -> None:
-    english = parse_rubric(dict(NASTY_BY_ID)["prose_with_numbers"])
+    english = parse_rubric(dict(NASTY_BY_ID)["prose_with_numbers"], SUMMARY_RUBRIC)
     assert english.feedback == "Overall 3 facts are missing.\nTotal 2 sentences are long."
     assert english.suggestions == "- Add facts."
     korean = parse_rubric(lines(plain(), "", "전체 피드백:", "표현 3가지가 어색합니다.", "간결하게 2문장으로 줄이세요.",
-                                "정확성 측면에서는 좋습니다.", "", "개선 제안:", "- 줄이세요."))
+                                "정확성 측면에서는 좋습니다.", "", "개선 제안:", "- 줄이세요."), SUMMARY_RUBRIC)
     check(korean, S, 78, True)
     assert korean.feedback == "표현 3가지가 어색합니다.\n간결하게 2문장으로 줄이세요.\n정확성 측면에서는 좋습니다."
     assert korean.problems == []
 
 
 def test_missing_texts_do_not_invalidate_the_numbers() -> None:
-    result = parse_rubric(plain())
+    result = parse_rubric(plain(), SUMMARY_RUBRIC)
     assert result.valid
     assert result.problems == ["missing overall feedback", "missing suggestions"]
 
 
 @pytest.mark.parametrize("value", [None, 12, 3.5, b"\xed\x95\x9c", ["총점: 78"], {"total": 78}, object()])
 def test_non_string_input_is_invalid(value: object) -> None:
-    result = parse_rubric(value)  # type: ignore[arg-type]
+    result = parse_rubric(value, SUMMARY_RUBRIC)  # type: ignore[arg-type]
     assert not result.valid and result.total is None
     assert result.problems == [f"input is not a string (got {type(value).__name__})"]
 
@@ -498,14 +504,14 @@ def test_random_strings_never_raise(seed: int) -> None:
         parts = [rng.choice(FRAGMENTS) for _ in range(rng.randint(0, 60))]
         if rng.random() < 0.2:  # raw random code points too
             parts.append("".join(chr(rng.randint(1, 0x2FFFF)) for _ in range(rng.randint(1, 20))))
-        check_invariants(parse_rubric("".join(parts)))
+        check_invariants(parse_rubric("".join(parts), SUMMARY_RUBRIC))
 
 
 @pytest.mark.parametrize("seed", range(10))
 def test_mutated_answers_never_raise(seed: int) -> None:
     rng = random.Random(seed)
     lang = "ko" if seed % 2 else "en"
-    answer = render_rubric(random_scores(rng), FEEDBACK[lang], SUGGESTIONS[lang], COMMENTS[lang], lang)
+    answer = render_rubric(random_scores(rng), FEEDBACK[lang], SUGGESTIONS[lang], COMMENTS[lang], lang, SUMMARY_RUBRIC)
     if seed % 3 == 0:
         answer = json.dumps(json_answer(random_scores(rng), lang, "nested"), ensure_ascii=False, indent=2)
     for _ in range(100):
@@ -521,22 +527,23 @@ def test_mutated_answers_never_raise(seed: int) -> None:
                 chars[i] = rng.choice("0123456789/:|*-\n{}[]\"")
             else:
                 chars.insert(i, rng.choice(FRAGMENTS))
-        check_invariants(parse_rubric("".join(chars)))
+        check_invariants(parse_rubric("".join(chars), SUMMARY_RUBRIC))
 
 
 @pytest.mark.parametrize("lang", ["ko", "en"])
 def test_every_prefix_of_an_answer(lang: str) -> None:
-    text = render_rubric({k: int(v) for k, v in S.items()}, FEEDBACK[lang], SUGGESTIONS[lang], COMMENTS[lang], lang)
+    text = render_rubric({k: int(v) for k, v in S.items()}, FEEDBACK[lang], SUGGESTIONS[lang], COMMENTS[lang], lang,
+                         SUMMARY_RUBRIC)
     for cut in range(len(text) + 1):
-        result = parse_rubric(text[:cut])
+        result = parse_rubric(text[:cut], SUMMARY_RUBRIC)
         check_invariants(result)
         assert all(result.scores[k] in (None, S[k]) or str(S[k])[:1] == f"{result.scores[k]:g}" for k in KEYS)
-    assert parse_rubric(text).valid
+    assert parse_rubric(text, SUMMARY_RUBRIC).valid
 
 
 def test_long_input() -> None:
     text = ("잡담 " * 20000) + "\n" + CANON + "\n" + ("| x " * 5000) + "\n" + ("{" * 3000)
-    check(parse_rubric(text), S, 78, True)
+    check(parse_rubric(text, SUMMARY_RUBRIC), S, 78, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -579,7 +586,7 @@ def test_other_spec_reads_its_labels_in_every_form() -> None:
     assert not bad.valid and "ideas written out of 40; its maximum is 50" in bad.problems
     # The summary rubric's labels mean nothing here, and the other way round.
     assert parse_rubric(CANON, TINY).scores == dict.fromkeys(TINY_MAXES)
-    assert parse_rubric("Ideas: 40/50\nOrder: 20/30\nSpelling: 15/20\nTotal: 75").scores == NONE
+    assert parse_rubric("Ideas: 40/50\nOrder: 20/30\nSpelling: 15/20\nTotal: 75", SUMMARY_RUBRIC).scores == NONE
 
 
 def test_non_string_input_has_the_spec_keys() -> None:
@@ -590,7 +597,7 @@ def test_non_string_input_has_the_spec_keys() -> None:
 def test_intro_right_above_a_second_evaluation_is_not_kept() -> None:
     second = CANON.replace("32/40", "20/40").replace("78/", "66/")
     for between in ("\n\n다시 평가하면:\n", "\n\n다시 평가하면:\n\n"):
-        result = parse_rubric(CANON + between + second)
+        result = parse_rubric(CANON + between + second, SUMMARY_RUBRIC)
         check(result, S, 78, True)
         assert result.suggestions == "- 더 짧게."
 
@@ -621,7 +628,12 @@ def test_spec_is_read_only() -> None:
         SUMMARY_RUBRIC.criteria["style"] = (10, "문체", "Style")  # type: ignore[index]
     with pytest.raises(AttributeError):
         SUMMARY_RUBRIC.max_total = 90  # type: ignore[misc]
-    assert CRITERIA is SUMMARY_RUBRIC.criteria and MAX_TOTAL == SUMMARY_RUBRIC.max_total
+
+
+def test_evaluation_exports_no_tasks_rubric() -> None:
+    """Each rubric lives beside its task; the shared evaluation code takes it as an argument."""
+    assert not {"CRITERIA", "MAX_TOTAL", "SUMMARY_RUBRIC"} & set(dir(gemma_lowmem.evaluation))
+    assert not {"CRITERIA", "MAX_TOTAL", "SUMMARY_RUBRIC"} & set(dir(gemma_lowmem.evaluation.rubric))
 
 
 @pytest.mark.parametrize("lang", ["ko", "en"])

@@ -13,7 +13,8 @@ import pytest
 
 from gemma_lowmem.config import DataConfig, LoraConfig, TrainConfig
 from gemma_lowmem.errors import UserError
-from gemma_lowmem.evaluation.rubric import parse_rubric, render_rubric
+from gemma_lowmem.evaluation.rubric import render_rubric
+from gemma_lowmem.evaluation.rubric_parse import parse_rubric
 from gemma_lowmem.tasks import essay, essay_write, sources
 from gemma_lowmem.tasks.essay import (
     ASAP_SCALES,
@@ -30,6 +31,7 @@ from gemma_lowmem.tasks.essay import (
 from gemma_lowmem.tasks.essay_feedback import essay_features, split_total, write_feedback
 from gemma_lowmem.tasks.essay_rubric import ESSAY_CRITERIA, ESSAY_RUBRIC
 from gemma_lowmem.tasks.sources import BadRow
+from gemma_lowmem.tasks.summary_rubric import SUMMARY_RUBRIC
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 ASAP = SHARED / "essays" / "asap_aes_sample800.jsonl"
@@ -103,7 +105,7 @@ def test_render_and_parse_round_trip(lang):
 ])
 def test_render_rejects_bad_input(scores, comments, match):
     with pytest.raises(ValueError, match=match):
-        render_rubric(scores, "f", "s", comments, spec=ESSAY_RUBRIC)
+        render_rubric(scores, "f", "s", comments, "ko", ESSAY_RUBRIC)
 
 
 @pytest.mark.parametrize("text", [
@@ -236,13 +238,13 @@ def test_essay_rubric_checks_and_first_evaluation():
 def test_each_spec_reads_only_its_own_labels():
     essay_answer = _answer(SCORES)
     summary_answer = render_rubric({"coverage": 32, "accuracy": 24, "conciseness": 14, "grammar": 8}, "Fine.",
-                                   "- Shorter.", {}, "en")
+                                   "- Shorter.", {}, "en", SUMMARY_RUBRIC)
     as_essay = parse_rubric(summary_answer, ESSAY_RUBRIC)  # "Grammar and expression" is read as expression
     assert as_essay.scores == dict.fromkeys(KEYS) | {"expression": 8} and not as_essay.valid
-    as_summary = parse_rubric(essay_answer)  # and "Expression" as grammar
+    as_summary = parse_rubric(essay_answer, SUMMARY_RUBRIC)  # and "Expression" as grammar
     assert as_summary.scores == {"coverage": None, "accuracy": None, "conciseness": None, "grammar": 12}
     assert not as_summary.valid
-    assert parse_rubric(summary_answer).valid and parse_rubric(essay_answer, ESSAY_RUBRIC).valid
+    assert parse_rubric(summary_answer, SUMMARY_RUBRIC).valid and parse_rubric(essay_answer, ESSAY_RUBRIC).valid
 
 
 # ------------------------------------------------------------------------------------------------ targets

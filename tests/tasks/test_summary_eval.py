@@ -12,7 +12,8 @@ import pytest
 
 from gemma_lowmem.config import DataConfig
 from gemma_lowmem.errors import UserError
-from gemma_lowmem.evaluation.rubric import CRITERIA, parse_rubric
+from gemma_lowmem.evaluation.rubric import RubricSpec
+from gemma_lowmem.evaluation.rubric_parse import parse_rubric
 from gemma_lowmem.tasks import sources, summary_eval
 from gemma_lowmem.tasks.student_summaries import KINDS, clean_reference, make_student_summary
 from gemma_lowmem.tasks.summary_eval import (
@@ -24,7 +25,10 @@ from gemma_lowmem.tasks.summary_eval import (
     load_data,
     summary_statistics,
 )
+from gemma_lowmem.tasks.summary_rubric import SUMMARY_RUBRIC
 from gemma_lowmem.text import cut_at_sentence_end, split_sentences
+
+CRITERIA = SUMMARY_RUBRIC.criteria
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 CNN_VAL = SHARED / "cnn_dailymail" / "validation_first1000.jsonl"
@@ -240,7 +244,7 @@ def test_ranking_on_real_cnn_rows():
 def test_target_parses_back_to_the_same_numbers(lang):
     for conv in build_conversations(ENGLISH + KOREAN, lang, seed=2):
         answer = conv.messages[-1]["content"]
-        parsed = parse_rubric(answer)
+        parsed = parse_rubric(answer, SUMMARY_RUBRIC)
         assert parsed.valid, (parsed.problems, answer)
         assert parsed.total == conv.meta["scores"]["total"]
         assert parsed.scores == {key: conv.meta["scores"][key] for key in CRITERIA}
@@ -265,7 +269,7 @@ def test_korean_articles_give_every_kind_and_korean_feedback():
     by_kind = _all_kinds(KOREAN, "ko")
     for kind, convs in by_kind.items():
         for conv in convs:
-            parsed = parse_rubric(conv.messages[-1]["content"])
+            parsed = parse_rubric(conv.messages[-1]["content"], SUMMARY_RUBRIC)
             assert HANGUL.search(parsed.feedback) and HANGUL.search(parsed.suggestions), (kind, parsed.feedback)
             assert conv.messages[-1]["content"].startswith("요약 평가 결과:")
             if kind not in ("empty", "off_topic", "lead"):
@@ -274,7 +278,7 @@ def test_korean_articles_give_every_kind_and_korean_feedback():
     for conv in by_kind["factual_error"]:
         swaps = [e for e in conv.meta["edits"] if e["op"] == "swap"]
         assert swaps and all(e["type"] == "number" for e in swaps), conv.meta["edits"]
-        feedback = parse_rubric(conv.messages[-1]["content"]).feedback
+        feedback = parse_rubric(conv.messages[-1]["content"], SUMMARY_RUBRIC).feedback
         for e in swaps:
             assert e["from"] in feedback and e["to"] in feedback
             assert e["to"] in conv.messages[2]["content"]
@@ -290,7 +294,7 @@ def test_factual_error_feedback_names_the_swap_in_english():
     swap = summary.edits[0]
     assert swap["op"] == "swap" and swap["from"] in record["article"] and swap["to"] in summary.text
     conv = build_conversation(record, None, "en", random.Random(0), kind="factual_error")
-    feedback = parse_rubric(conv.messages[-1]["content"]).feedback
+    feedback = parse_rubric(conv.messages[-1]["content"], SUMMARY_RUBRIC).feedback
     assert f"The summary says '{swap['context_to']}', but the article says '{swap['context_from']}'" in feedback
     assert conv.meta["scores"]["accuracy"] < 30
 
@@ -329,6 +333,87 @@ def test_summary_statistics():
     assert stats["scores"]["total"]["max"] == max(totals)
     assert stats["scores"]["total"]["mean"] == pytest.approx(statistics.fmean(totals))
     assert set(stats["scores"]) == {*CRITERIA, "total"}
+
+
+def test_the_default_rubric_prompt_names_four_criteria_and_100_points():
+    assert "다음 네 가지 기준으로 평가하세요." in summary_eval.system_prompt("ko")
+    assert "총점은 100점입니다." in summary_eval.system_prompt("ko")
+    assert "score it on four criteria." in summary_eval.system_prompt("en")
+    assert "The total is 100 points." in summary_eval.system_prompt("en")
+
+
+# ------------------------------------------------------------------------------- a teacher's rubric is data
+
+TEACHER = RubricSpec(  # three of the four criteria, in another order, other maxima and labels: 60 points
+    criteria={"accuracy": (30, "사실 정확성", "Factual accuracy"), "coverage": (20, "핵심 내용", "Key points"),
+              "grammar": (10, "맞춤법", "Spelling")},
+    titles={"ko": "요약 채점:", "en": "Summary grade:"}, max_total=60,
+)
+
+
+@pytest.mark.parametrize("lang", ["ko", "en"])
+def test_a_teachers_rubric_builds_data_with_its_criteria_maxima_and_prompt(lang):
+    task = summary_eval.summary_task(TEACHER, "teacher_summary")
+    assert task.rubric is TEACHER
+    train, val = task.build_datasets(DataConfig(demo=True, lang=lang, score_loss_weight=3), 0)
+    default = build_conversations(ENGLISH, lang, seed=0)
+    teacher = build_conversations(ENGLISH, lang, seed=0, spec=TEACHER)
+    for conv in [*train, *val, *teacher]:
+        scores, answer = conv.meta["scores"], conv.messages[-1]["content"]
+        assert list(scores) == ["accuracy", "coverage", "grammar", "total"]
+        assert all(0 <= scores[k] <= m for k, (m, _, _) in TEACHER.criteria.items())
+        assert scores["total"] == scores["accuracy"] + scores["coverage"] + scores["grammar"] <= 60
+        parsed = parse_rubric(answer, TEACHER)
+        assert parsed.valid and parsed.scores == {k: scores[k] for k in TEACHER.criteria}, parsed.problems
+        assert all(parsed.comments.values()) and answer.startswith(TEACHER.titles[lang])
+        assert not parse_rubric(answer, SUMMARY_RUBRIC).valid
+        system = conv.messages[0]["content"]
+        if lang == "ko":
+            assert "다음 세 가지 기준으로" in system and "총점은 60점입니다." in system
+            assert "- 사실 정확성 (30점): " in system and "간결성" not in system
+        else:
+            assert "score it on three criteria." in system and "The total is 60 points." in system
+            assert "- Factual accuracy (30 points): " in system and "Conciseness" not in system
+    assert all(len(c.answer_weights) == 1 + 3 for c in train)  # each criterion's score and the total
+    for d, c in zip(default, teacher):  # the same measurements, on the teacher's maxima
+        assert d.messages[1:3] == c.messages[1:3] and d.meta["kind"] == c.meta["kind"]
+        for key, (maximum, _, _) in TEACHER.criteria.items():
+            assert abs(c.meta["scores"][key] / maximum - d.meta["scores"][key] / CRITERIA[key][0]) <= 0.5 / maximum \
+                + 0.5 / CRITERIA[key][0]
+    stats = task.summary_statistics(train)
+    assert set(stats["scores"]) == {"accuracy", "coverage", "grammar", "total"}
+    result = task.score_outputs(val, [c.messages[-1]["content"] for c in val])
+    assert result["metrics"]["valid_rate"] == 1.0 and set(result["metrics"]["agreement"]) == set(TEACHER.score_fields)
+    assert all(a["mae"] == 0.0 for a in result["metrics"]["agreement"].values())
+    assert result["plots"]["scatter_total"]["limits"] == [0, 60]
+
+
+def test_a_teachers_rubric_is_answered_guided_on_a_tiny_model(monkeypatch):
+    from gemma_lowmem.evaluation.answers import answer_and_score
+    from gemma_lowmem.evaluation.guided import Decoding
+    from tests.tiny import tiny_gemma3, tiny_tokenizer
+
+    monkeypatch.setattr("gemma_lowmem.evaluation.guided.SLOT_TOKENS", {"comment": 3, "feedback": 4, "suggestions": 4})
+    task = summary_eval.summary_task(TEACHER, "teacher_summary")
+    conversations = build_conversations(ENGLISH[:3], "en", seed=0, spec=TEACHER)
+    result = answer_and_score(tiny_gemma3(), tiny_tokenizer(), conversations, task.score_outputs,
+                              Decoding(max_new_tokens=6, batch_size=2, show_progress=False), rubric=task.rubric)
+    assert result["metrics"]["valid_rate"] == 1.0
+    assert set(result["metrics"]["expected_agreement"]) == set(TEACHER.score_fields)
+    for output in result["outputs"]:
+        parsed = parse_rubric(output, TEACHER)
+        assert parsed.valid and output.startswith("Summary grade:") and "/30\n- Key points: " in output
+        assert parsed.total == sum(parsed.scores.values()) <= 60
+
+
+def test_a_rubric_with_a_criterion_the_task_cannot_measure_is_refused():
+    style = RubricSpec(criteria={"coverage": (70, "핵심", "Key points"), "style": (30, "문체", "Style")},
+                       titles={"en": "Grade:"})
+    with pytest.raises(UserError, match=r"rubric criteria \['style'\]: summary_eval measures only coverage, "
+                                        "accuracy, conciseness, grammar"):
+        summary_eval.summary_task(style, "styled")
+    with pytest.raises(UserError, match="style"):
+        build_conversations(ENGLISH[:2], "en", seed=0, spec=style)
 
 
 def test_reference_cleaning():
@@ -396,7 +481,7 @@ def test_demo_split(tmp_path, monkeypatch):
 def test_bundled_demo_set_builds():
     train, val = build_datasets(DataConfig(demo=True, lang="en"), seed=1)
     assert len(train) == 40 and len(val) == 10
-    assert all(parse_rubric(c.messages[-1]["content"]).valid for c in train + val)
+    assert all(parse_rubric(c.messages[-1]["content"], SUMMARY_RUBRIC).valid for c in train + val)
 
 
 def test_hub_splits_are_sliced(monkeypatch):
