@@ -9,8 +9,10 @@ Every variant runs in its own process on the same token examples (the task 1 pip
   padding to the longest row (``DataCollatorForSeq2Seq``), labels -100 off the answer, the model's own loss.
 - ``ours``: ``gemma_lowmem.run.setup`` + ``gemma_lowmem.train.fit``: packing, chunked loss, checkpointing, autocast
   where native, int8.
-- ``no-packing``, ``no-bucketing``, ``no-chunked-loss``, ``no-checkpointing``: ``ours`` with one switch off
-  (``no-bucketing`` is ``no-packing`` with bucketing off too: bucketing only acts on unpacked batches).
+- ``no-packing``, ``no-bucketing``, ``no-chunked-loss``, ``no-checkpointing``, ``no-dropout``,
+  ``no-float-weights``: ``ours`` with one switch off (``no-bucketing`` is ``no-packing`` with bucketing off too:
+  bucketing only acts on unpacked batches; ``no-dropout`` sets LoRA dropout to 0; ``no-float-weights``
+  dequantizes the int8 linears at every use instead of keeping the float copies the memory plan allows).
 
 Each process first trains one warm-up optimizer step on its own ``2 x grad_accum`` conversations, then one epoch
 over ``steps x 2 x grad_accum`` other conversations, which is what is timed (the loop only, not loading). The
@@ -46,7 +48,7 @@ from typing import Any
 import torch
 
 from gemma_lowmem.cli import run_script
-from gemma_lowmem.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from gemma_lowmem.config import DataConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
 from gemma_lowmem.data.collate import IGNORE_INDEX, collate, collate_for
 from gemma_lowmem.data.sampler import packing_efficiency, plan_epoch
 from gemma_lowmem.device import bf16_supported, default_device, resolve_precision
@@ -61,13 +63,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RESULT_PREFIX = "BENCH_RESULT "  # the child's one JSON line on stdout starts with this
 HF_BATCH = 2  # the usual recipe's per-device batch; unpacked variants of ours use it too
 # Switches of each variant of ours; "hf" is the Hugging Face recipe.
-VARIANTS: dict[str, dict[str, bool] | None] = {
+VARIANTS: dict[str, dict[str, bool | float] | None] = {
     "hf": None,
     "ours": {},
     "no-packing": {"packing": False},
     "no-bucketing": {"packing": False, "bucketing": False},
     "no-chunked-loss": {"chunked_loss": False},
     "no-checkpointing": {"gradient_checkpointing": False},
+    "no-dropout": {"lora_dropout": 0.0},
+    "no-float-weights": {"float_weights": False},
 }
 FLOPS_FORMULA = (
     "model FLOPs = (4*N_lin + 6*N_lora) * tokens + 12 * d_attn * attended_pairs + 4 * H * V * head_positions; "
@@ -143,7 +147,7 @@ def resolve_data(data: str | None) -> str | None:
     return str(SHARED_DATA.resolve()) if SHARED_DATA.is_file() else None
 
 
-def run_config(settings: Settings, switches: dict[str, bool] | None = None) -> RunConfig:
+def run_config(settings: Settings, switches: dict[str, bool | float] | None = None) -> RunConfig:
     """The project config of a variant; the hf recipe reads its LoRA, data and learning rate from it too."""
     data = resolve_data(settings.data)
     data_cfg = DataConfig(
@@ -154,12 +158,13 @@ def run_config(settings: Settings, switches: dict[str, bool] | None = None) -> R
     )
     switches = dict(switches or {})
     packing = switches.pop("packing", True)
+    lora = LoraConfig(dropout=switches.pop("lora_dropout")) if "lora_dropout" in switches else LoraConfig()
     train = TrainConfig(
         seed=settings.seed, lr=2e-4, scheduler="constant", warmup_ratio=0.0, eval_every=0, save_every=0,
         log_every=1, packing=packing, pack_len=settings.pack_len or settings.max_seq_length,
         batch_size=settings.packed_batch_size if packing else HF_BATCH, **switches,
     )
-    return RunConfig(model=ModelConfig(model=settings.model, quant="int8"), data=data_cfg, train=train)
+    return RunConfig(model=ModelConfig(model=settings.model, quant="int8"), lora=lora, data=data_cfg, train=train)
 
 
 # ---- counting --------------------------------------------------------------------------------------------------
@@ -349,7 +354,8 @@ def run_ours(name: str, settings: Settings) -> dict[str, Any]:
     cfg = run_config(settings, VARIANTS[name])
     with tempfile.TemporaryDirectory() as tmp:
         cfg.train.output_dir = tmp
-        prepared = setup(cfg, keep=PLANNED)  # the variant's settings as they are: no memory planning
+        prepared = setup(cfg, keep=PLANNED)  # the variant's settings as they are; the plan adds only float copies
+        cfg = prepared.config  # as planned: float_weights where the budget has room (none given)
         warm, timed, held_out = split_examples(settings, prepared.training.train, prepared.training.val)
         model, pad_id = prepared.model, prepared.tokenizer.pad_token_id
         device = next(p.device for p in model.parameters() if p.requires_grad)
@@ -381,8 +387,9 @@ def run_ours(name: str, settings: Settings) -> dict[str, Any]:
             name, counter, result.seconds, peak, shape, attended_pairs(lengths, shape.windows),
             cfg.train.gradient_checkpointing, cfg.train.chunked_loss,
             recipe="ours",
-            switches={k: getattr(cfg.train, k) for k in ("packing", "bucketing", "chunked_loss",
-                                                           "gradient_checkpointing")},
+            switches={**{k: getattr(cfg.train, k) for k in ("packing", "bucketing", "chunked_loss",
+                                                              "gradient_checkpointing", "float_weights")},
+                      "lora_dropout": cfg.lora.dropout},
             batch_size=cfg.train.batch_size, grad_accum=accum, steps=result.steps, conversations=len(timed),
             packing_efficiency=(packing_efficiency(timed_plan, lengths, cfg.train.pack_len)
                                 if cfg.train.packing else None),

@@ -1,10 +1,10 @@
 """Load a causal LM (hub id, local folder, GGUF file or the bundled Gemma 3 270M), quantize it, add LoRA.
 
-Decoder linears are bitsandbytes int8 (or nf4) multiplied through ``kernels.int8_linear``; the big embedding
-tables (the tied embedding/LM head, Gemma 3n's per-layer table) are row-wise int8 (``kernels.Int8Embedding``);
-the other frozen weights (norms, small AltUp maps) stay in bf16 where it is native, fp16 on GPUs without bf16 and
-fp32 on CPUs without it. PEFT's ``prepare_model_for_kbit_training`` would upcast them all to fp32, which doubles
-the float weights and makes every matmul take fp32 inputs.
+Decoder linears are bitsandbytes int8 (or nf4) multiplied through ``gemma_lowmem_kernels.int8_linear``; the big
+embedding tables (the tied embedding/LM head, Gemma 3n's per-layer table) are row-wise int8
+(``gemma_lowmem_kernels.Int8Embedding``); the other frozen weights (norms, small AltUp maps) stay in bf16 where it
+is native, fp16 on GPUs without bf16 and fp32 on CPUs without it. PEFT's ``prepare_model_for_kbit_training`` would
+upcast them all to fp32, which doubles the float weights and makes every matmul take fp32 inputs.
 """
 
 from __future__ import annotations
@@ -22,15 +22,18 @@ import torch.nn.functional as F
 from bitsandbytes.nn import Linear8bitLt
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from gemma_lowmem import attention
+from gemma_lowmem.checkpoint import ADAPTER_CONFIG, check_adapter
 from gemma_lowmem.config import LoraConfig, ModelConfig
 from gemma_lowmem.device import weight_dtype
 from gemma_lowmem.errors import UserError
+from gemma_lowmem.lora_dropout import share_lora_dropout
 from gemma_lowmem.memory import GiB, free_bytes
-from kernels import Int8Embedding, int8_linear
-from kernels.int8_linear import dequantize, matmul_dtype
+from gemma_lowmem_kernels import Int8Embedding, int8_linear
+from gemma_lowmem_kernels.int8_linear import dequantize, matmul_dtype
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +125,8 @@ def offline_hint(path: str, err: Exception) -> str:
 
 
 class FrozenInt8Linear(Linear8bitLt):
-    """A bitsandbytes int8 layer (same int8 weight and row absmax ``SCB``) whose matmul is ``kernels.int8_linear``.
+    """A bitsandbytes int8 layer (same int8 weight and row absmax ``SCB``) whose matmul is
+    ``gemma_lowmem_kernels.int8_linear``.
 
     bitsandbytes' own autograd functions keep each input as a plain attribute of their graph node, which gradient
     checkpointing cannot drop (+3.89 GiB on Gemma 3n E2B at 2048 tokens); ``int8_linear`` keeps none, because a
@@ -153,7 +157,8 @@ class Int8TiedHead(torch.nn.Module):
 
     The chunked loss reads ``weight`` (V, H) int8 and ``weight_scale`` (V,) and dequantizes a block of the
     vocabulary at a time (``loss.token_losses``); calling the head (generation, full logits) does the same through
-    ``kernels.int8_linear``. The table is held as a plain attribute, not a submodule: it belongs to the embedding.
+    ``gemma_lowmem_kernels.int8_linear``. The table is held as a plain attribute, not a submodule: it belongs to the
+    embedding.
     """
 
     def __init__(self, table: Int8Embedding) -> None:
@@ -177,17 +182,18 @@ DECODE_HEADROOM = 1 * GiB
 
 
 class FloatWeights:
-    """Whole float copies of int8 weights, made on a layer's first forward without autograd (see
-    :func:`float_weight_cache`), up to ``max_bytes`` in all.
+    """Whole float copies of int8 weights, made on a layer's first forward (see :func:`float_weight_cache`), up to
+    ``max_bytes`` in all.
 
     Attributes:
         max_bytes: the cap on the copies' bytes.
+        training: the copies serve forwards with autograd too (else only forwards without it).
         used: bytes the copies hold.
         skipped: layers left without a copy because the cap was reached (they dequantize per forward).
     """
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes, self.used = max_bytes, 0
+    def __init__(self, max_bytes: int, training: bool = False) -> None:
+        self.max_bytes, self.training, self.used = max_bytes, training, 0
         self._weights: dict[int, torch.Tensor] = {}
         self._refused: set[int] = set()
 
@@ -205,7 +211,8 @@ class FloatWeights:
         if id(layer) in self._refused or self.used + size > self.max_bytes:
             self._refused.add(id(layer))
             return None
-        self._weights[id(layer)] = w = dequantize(q, scale, dtype)
+        with torch.no_grad():  # a frozen copy: a forward with autograd must not make it part of the graph
+            self._weights[id(layer)] = w = dequantize(q, scale, dtype)
         self.used += size
         return w
 
@@ -216,10 +223,11 @@ class FloatWeights:
 
 def _int8_or_cached(layer: torch.nn.Module, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                     bias: torch.Tensor | None) -> torch.Tensor:
-    """``int8_linear``, or inside :func:`float_weight_cache` and without autograd ``F.linear`` on the layer's
-    whole float weight (the same product the kernel computes block by block)."""
+    """``int8_linear``, or inside :func:`float_weight_cache` ``F.linear`` on the layer's whole float weight (the
+    same product the kernel computes block by block; with a frozen weight autograd keeps no input for it either,
+    only the weight)."""
     weights: FloatWeights | None = layer.__dict__.get("_float_weights")
-    if weights is not None and not torch.is_grad_enabled():
+    if weights is not None and (weights.training or not torch.is_grad_enabled()):
         dtype = matmul_dtype(x)
         w = weights.weight(layer, q, scale, dtype)
         if w is not None:
@@ -232,21 +240,25 @@ def _int8_or_cached(layer: torch.nn.Module, x: torch.Tensor, q: torch.Tensor, sc
 
 
 @contextmanager
-def float_weight_cache(model: torch.nn.Module, *, budget: int | None = None, max_bytes: int | None = None
-                       ) -> Iterator[FloatWeights]:
-    """While decoding, keep each int8 layer's whole float weight instead of dequantizing it at every forward.
+def float_weight_cache(model: torch.nn.Module, *, budget: int | None = None, max_bytes: int | None = None,
+                       training: bool = False) -> Iterator[FloatWeights]:
+    """Keep each int8 layer's whole float weight instead of dequantizing it at every forward.
 
     Decoding feeds one token per row and forward, so the int8 kernels' work is almost all dequantization: on
-    Gemma 3 270M the tied head alone re-made its 262,144 x 640 table for every token. Inside this block a layer
-    (:class:`FrozenInt8Linear`, :class:`Int8TiedHead`) called without autograd makes its float copy at its
-    first forward, in that forward's compute dtype, while the copies fit ``max_bytes``; the layers past the cap
-    keep the kernel. Forwards with autograd (training) always use the kernel. The copies are dropped on exit.
+    Gemma 3 270M the tied head alone re-made its 262,144 x 640 table for every token. Training dequantizes every
+    linear in the forward, again in backward (the input's gradient) and again in a checkpointed recompute. Inside
+    this block a layer (:class:`FrozenInt8Linear`, :class:`Int8TiedHead`) makes its float copy at its first
+    forward, in that forward's compute dtype, while the copies fit ``max_bytes``; the layers past the cap keep the
+    kernel. Without ``training`` only forwards without autograd use the copies (decoding inside a training run
+    leaves the training forwards alone); with it every forward does (``TrainConfig.float_weights``, which the
+    memory planner turns on when the copies fit the budget). The copies are dropped on exit.
 
     Args:
         model: any model; its int8 layers are found by type (PEFT's LoRA layers wrap them and still add LoRA).
         budget: the run's memory budget in bytes (``--max-mem``), None: the device's memory.
         max_bytes: the copies' cap; None: what is free on the model's device within ``budget``
             (:func:`memory.free_bytes`) less ``DECODE_HEADROOM``.
+        training: serve forwards with autograd too (the decoder's linears only, not the tied head).
 
     Yields:
         The :class:`FloatWeights` (bytes used, layers skipped).
@@ -254,8 +266,11 @@ def float_weight_cache(model: torch.nn.Module, *, budget: int | None = None, max
     if max_bytes is None:
         device = next(model.parameters()).device
         max_bytes = free_bytes(device, budget) - DECODE_HEADROOM
-    weights = FloatWeights(max(0, max_bytes))
-    layers = [m for m in model.modules() if isinstance(m, FrozenInt8Linear | Int8TiedHead)]
+    weights = FloatWeights(max(0, max_bytes), training)
+    # Training leaves the tied head out: the chunked loss reads its int8 rows block by block, and a whole copy of
+    # Gemma's 262k-row head (0.3-0.6 GiB) is not what the memory plan counted.
+    kinds = FrozenInt8Linear if training else FrozenInt8Linear | Int8TiedHead
+    layers = [m for m in model.modules() if isinstance(m, kinds)]
     for layer in layers:
         layer.__dict__["_float_weights"] = weights  # a plain attribute: not a submodule, not in the state dict
     try:
@@ -436,16 +451,40 @@ def add_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: bo
         task_type="CAUSAL_LM",
     )
     with _peft_reads_deprecated_checkpointing_flag():
-        return get_peft_model(model, peft_config)
+        peft_model = get_peft_model(model, peft_config)
+    share_lora_dropout(peft_model, cfg.dropout)  # one mask per distinct input, at a quarter of the draws
+    return peft_model
 
 
 def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:
-    """Put a saved adapter on a loaded base model."""
+    """Put a saved adapter on a loaded base model.
+
+    Args:
+        model: the base model.
+        adapter_dir: a folder written by training (``adapter``, ``adapter_best`` or a checkpoint).
+        trainable: leave the adapter's weights trainable.
+
+    Returns:
+        The PEFT model.
+
+    Raises:
+        UserError: one line naming the file and what is wrong: no adapter folder, a damaged
+            ``adapter_config.json`` or ``adapter_model.safetensors`` (:func:`checkpoint.check_adapter`), or an
+            adapter that does not fit ``model`` (fields PEFT refuses, another model's shapes or module names).
+    """
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise UserError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
-    with _peft_reads_deprecated_checkpointing_flag():
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    check_adapter(adapter_dir)
+    try:
+        with _peft_reads_deprecated_checkpointing_flag():
+            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except torch.OutOfMemoryError:
+        raise  # a RuntimeError too, but about memory, not the adapter's files
+    except (ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as err:  # peft's many ways to refuse
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UserError(
+            f"{adapter_dir}: this adapter does not load onto {getattr(model.config, 'name_or_path', '') or 'the model'}"
+            f" ({type(err).__name__}: {reason}); check its {ADAPTER_CONFIG}, and give the --model it was trained on"
+        ) from None
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -23,7 +23,7 @@ The four constants (4.98, 15.8, 8.24, 0.82) were fitted, least squares on the re
 this CPU (2 cores, AVX2, so fp32 weights and activations; int8 linears, LoRA r16 on the 7 projections, packed rows,
 512 labelled tokens per row, 2 optimizer steps of ``train.fit``, peak RSS of the whole process in a fresh subprocess
 each, :func:`return_freed_memory_to_os` on) while bitsandbytes still kept its matmul inputs and the head was float.
-Re-measured with ``kernels.int8_linear`` and the int8 tied head (``benchmarks/e2b_memory.py --calibrate``):
+Re-measured with ``gemma_lowmem_kernels.int8_linear`` and the int8 tied head (``benchmarks/e2b_memory.py --calibrate``):
 
     model, random int8 weights unless noted        tokens   checkpointing  chunk  measured GiB  predicted GiB
     Gemma 3n 1 layer, hidden 64 (the runtime)         64      on          -          0.489         0.490
@@ -44,7 +44,8 @@ keeps no (T, T) scores (eager attention would). Loading real weights has its own
 and the run stops before loading when it exceeds the budget. Held out of the fit,
 the full Gemma 3n E2B text model (``benchmarks/e2b_memory.py --warmup-tokens 128``, 1 x 2048 tokens, fp32):
 measured 8.087 GiB, predicted 8.170 (ratio 0.990); with the per-layer table memory-mapped (``--embeddings disk``)
-6.240 GiB, predicted 6.295 (0.991). Before ``kernels.int8_linear`` and the int8 head it was 13.539 (13.556).
+6.240 GiB, predicted 6.295 (0.991). Before ``gemma_lowmem_kernels.int8_linear`` and the int8 head it was 13.539
+(13.556).
 Without :func:`return_freed_memory_to_os` the 4-layer E2B-width run peaked at 1.927 GiB instead of 1.165.
 
 Half-precision activations: counted at 4 bytes per element like fp32, because the measured peaks under bf16
@@ -76,11 +77,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gemma_lowmem.device import resolve_precision, weight_dtype
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.memory import BudgetTooSmall, GiB, WeightsExceedBudget, format_size, parse_size
 from gemma_lowmem.model import BUNDLED, INT8_SKIP_MODULES, load_dtype, offline_hint, resolve_model_path
-from kernels.int8_embedding import DEFAULT_CHUNK_ELEMENTS
-from kernels.linear_cross_entropy import DEFAULT_CHUNK_BYTES
+from gemma_lowmem_kernels.int8_embedding import DEFAULT_CHUNK_ELEMENTS
+from gemma_lowmem_kernels.linear_cross_entropy import DEFAULT_CHUNK_BYTES
 
 if TYPE_CHECKING:
     from gemma_lowmem.config import ModelConfig, RunConfig
@@ -107,7 +109,8 @@ LOSS_CHUNK_BYTES_PER_LOGIT = 8.24  # bytes per (chunk token x vocab) alive in th
 LOSS_CHUNK_CHOICES = (None, 128, 64, 32, 16)  # None: the loss's default (~256 MiB of fp32 logits)
 EMBEDDINGS = ("float", "int8", "disk")
 # The settings the planner chooses (unless the user gave them).
-PLANNED = ("batch_size", "grad_accum", "gradient_checkpointing", "loss_chunk_size")
+PLANNED = ("batch_size", "grad_accum", "gradient_checkpointing", "loss_chunk_size", "float_weights")
+FLOAT_COPIES = "float copies of int8 linears"  # the breakdown's part for TrainConfig.float_weights
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ class ModelShape:
         table_elements: elements of the float tables that turn int8 after loading (the tied embedding, Gemma 3n's
             per-layer table), by :func:`describe_model`'s part names: the load reads them as floats first.
         quant: how the frozen linears are stored (``--quant``), for messages.
+        int8_linear_elements: weights of the int8 linears (their float copies' size, ``TrainConfig.float_weights``).
     """
 
     num_layers: int
@@ -144,6 +148,7 @@ class ModelShape:
     int8_head: bool = False
     table_elements: dict[str, int] = field(default_factory=dict)
     quant: str = "int8"
+    int8_linear_elements: int = 0
 
 
 @dataclass(frozen=True)
@@ -246,6 +251,7 @@ def describe_model(
 
     weights = {"quantized linears": 0.0, "embedding and head": 0.0, "per-layer embedding": 0.0, "other frozen": 0.0}
     tables: dict[str, int] = {}
+    int8_elements = 0
     seen: set[int] = set()
     for name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
@@ -255,6 +261,7 @@ def describe_model(
             if isinstance(module, torch.nn.Linear) and param_name == "weight" and quantized(name):
                 stats = 4 * param.shape[0] if quant == "int8" else param.numel() * NF4_STATS_PER_WEIGHT
                 weights["quantized linears"] += param.numel() * per_quantized + stats
+                int8_elements += param.numel() if quant == "int8" else 0
             elif module is table:
                 per_row = {"float": param.shape[1] * dtype_bytes, "int8": param.shape[1] + 4, "disk": 4}[embeddings]
                 weights["per-layer embedding"] += param.shape[0] * per_row
@@ -298,6 +305,7 @@ def describe_model(
         int8_head=embeddings != "float" and head.weight is model.get_input_embeddings().weight,
         table_elements=tables,
         quant=quant,
+        int8_linear_elements=int8_elements,
     )
 
 
@@ -338,7 +346,7 @@ def fixed_bytes(shape: ModelShape, device_type: str) -> int:
 
 
 def default_loss_chunk(vocab: int) -> int:
-    """Tokens per loss chunk that ``kernels.linear_cross_entropy`` picks when none is given."""
+    """Tokens per loss chunk that ``gemma_lowmem_kernels.linear_cross_entropy`` picks when none is given."""
     return max(1, DEFAULT_CHUNK_BYTES // (vocab * 4))
 
 
@@ -405,6 +413,9 @@ class MemoryPlan:
         load_peak: predicted peak of loading the model, bytes (:func:`predict_load_peak`; 0: not predicted).
         embeddings_on_cpu: the plan keeps Gemma 3n's per-layer table on the CPU (the step did not fit the GPU's
             budget with it there).
+        float_weights: the run keeps float copies of the int8 linears (``TrainConfig.float_weights``; their bytes
+            are then the breakdown's :data:`FLOAT_COPIES` part).
+        float_copy_bytes: what those copies take, kept or not (0: no int8 linears).
     """
 
     batch_size: int
@@ -417,6 +428,8 @@ class MemoryPlan:
     seq_len: int = 0
     load_peak: int = 0
     embeddings_on_cpu: bool = False
+    float_weights: bool = False
+    float_copy_bytes: int = 0
 
     def table(self) -> str:
         """A readable table: each part of the predicted peak, the total against the budget, and the choices."""
@@ -434,6 +447,10 @@ class MemoryPlan:
             f"(global batch {self.batch_size * self.grad_accum} rows)",
             f"gradient checkpointing: {'on' if self.gradient_checkpointing else 'off'}; loss chunk: {chunk}",
         ]
+        if self.float_copy_bytes:
+            lines.append("frozen int8 linears: " + ("float copies kept for the whole run" if self.float_weights else
+                                                    f"dequantized at every use (float copies need "
+                                                    f"{self.float_copy_bytes / GiB:.2f} GiB more)"))
         if self.embeddings_on_cpu:
             lines.append("per-layer embedding table: on the CPU (the step does not fit with it on the GPU)")
         return "\n".join(lines)
@@ -445,6 +462,7 @@ class MemoryPlan:
             cfg.train, batch_size=self.batch_size, grad_accum=self.grad_accum,
             gradient_checkpointing=self.gradient_checkpointing,
             loss_chunk_size=self.loss_chunk_size if cfg.train.chunked_loss else cfg.train.loss_chunk_size,
+            float_weights=self.float_weights,
         )
         model = replace(cfg.model, embeddings_on_cpu=True) if self.embeddings_on_cpu else cfg.model
         return replace(cfg, model=model, train=train)
@@ -458,12 +476,15 @@ def plan_memory(
     global_batch_tokens: int,
     device_type: str,
     fixed: dict[str, Any] | None = None,
+    float_copy_bytes: int = 0,
 ) -> MemoryPlan:
-    """Choose micro-batch, accumulation, checkpointing and loss chunk so that the predicted peak fits ``budget``.
+    """Choose micro-batch, accumulation, checkpointing and loss chunk so that the predicted peak fits ``budget``,
+    then keep float copies of the int8 linears if they fit beside it.
 
     Preference, fastest first: checkpointing off (recompute costs about a third more compute) over a larger
     micro-batch; then the largest micro-batch that divides the global batch (so that ``batch_size * grad_accum``
-    is exactly the global batch in rows); then the largest loss chunk. Choices in ``fixed`` are kept.
+    is exactly the global batch in rows); then the largest loss chunk. The copies come last: they save the
+    per-use dequantization, not a step's layout. Choices in ``fixed`` are kept.
 
     Args:
         shape: the model as stored (:func:`describe_model`).
@@ -473,7 +494,8 @@ def plan_memory(
         global_batch_tokens: tokens per optimizer step to reach (rounded up to whole rows).
         device_type: "cpu" or "cuda".
         fixed: choices the user made, kept as they are: ``batch_size`` (with ``grad_accum``: the micro-batch split
-            of the global batch), ``gradient_checkpointing``, ``loss_chunk_size``.
+            of the global batch), ``gradient_checkpointing``, ``loss_chunk_size``, ``float_weights``.
+        float_copy_bytes: bytes of the int8 linears' float copies in the compute dtype (0: none to copy).
 
     Returns:
         The :class:`MemoryPlan`.
@@ -486,21 +508,26 @@ def plan_memory(
     max_seq_length = step.seq_len
     rows = max(1, -(-global_batch_tokens // max_seq_length))
 
+    fixed = fixed or {}
+    copies = {FLOAT_COPIES: float_copy_bytes} if float_copy_bytes and fixed.get("float_weights") is not False else {}
+    # Given copies (float_weights=True) are part of every candidate; otherwise they are added after the choice.
+    given = copies if fixed.get("float_weights") else {}
+
     def predict(batch: int, checkpointing: bool, chunk: int | None, seq: int = max_seq_length) -> dict[str, int]:
         return predict_peak(shape, replace(step, batch_size=batch, seq_len=seq, gradient_checkpointing=checkpointing,
-                                           loss_chunk_size=chunk), device_type)
+                                           loss_chunk_size=chunk), device_type) | given
 
     label = budget if isinstance(budget, str) else format_size(budget)
     budget = parse_size(budget) if isinstance(budget, str) else budget
     baseline = fixed_bytes(shape, device_type)
-    needed = sum(predict(1, True, LOSS_CHUNK_CHOICES[-1]).values())  # the smallest plan
+    # the smallest plan (without given copies: a budget that only they break names the settings given)
+    needed = sum(predict(1, True, LOSS_CHUNK_CHOICES[-1]).values()) - sum(given.values())
     if baseline > budget:
         raise WeightsExceedBudget(
             f"--max-mem {label} is below the frozen weights, adapter and runtime alone "
             f"({format_size(baseline)} with --quant {shape.quant}); training needs at least {format_size(needed)}",
             needed=needed,
         )
-    fixed = fixed or {}
     if "batch_size" in fixed:
         batches = [fixed["batch_size"]]
         rows = fixed["batch_size"] * fixed.get("grad_accum", -(-rows // fixed["batch_size"]))
@@ -514,8 +541,11 @@ def plan_memory(
                 parts = predict(batch, checkpointing, chunk)
                 peak = sum(parts.values())
                 if peak <= budget:
+                    if copies and not given and peak + float_copy_bytes <= budget:
+                        parts, peak = parts | copies, peak + float_copy_bytes
                     return MemoryPlan(batch, rows // batch, checkpointing, chunk, peak, parts, budget,
-                                      max_seq_length)
+                                      max_seq_length, float_weights=FLOAT_COPIES in parts,
+                                      float_copy_bytes=float_copy_bytes)
     if fixed and needed <= budget:
         smallest = min(sum(predict(b, c, k).values()) for b in batches for c in checkpointing_choices for k in chunks)
         settings = ", ".join(f"{name}={value}" for name, value in fixed.items())
@@ -546,6 +576,25 @@ def embeddings_mode(model: ModelConfig, device_type: str = "cpu") -> str:
     return "disk" if model.embeddings_on_disk or off_device else "int8"
 
 
+def describe_run(cfg: RunConfig, model_config: Any, device: torch.device) -> ModelShape:
+    """The model as a run holds it (:func:`describe_model`): the run's quantization, the frozen weights' dtype that
+    ``device`` and ``cfg.train.precision`` give (:func:`~gemma_lowmem.device.weight_dtype`), its embeddings mode and
+    its LoRA adapter.
+
+    Args:
+        cfg: the run's config.
+        model_config: the text model's config (:func:`load_model_config`).
+        device: where the run trains.
+
+    Returns:
+        The :class:`ModelShape`.
+    """
+    weights = weight_dtype(device, cfg.model.dtype, cfg.train.precision)
+    return describe_model(model_config, quant=cfg.model.quant, dtype_bytes=weights.itemsize,
+                          embeddings=embeddings_mode(cfg.model, device.type), lora_r=cfg.lora.r,
+                          lora_targets=cfg.lora.target_modules)
+
+
 def plan_run(cfg: RunConfig, model_config: Any, device: torch.device, keep: Collection[str] = (),
              activation_factor: float = 1.0) -> MemoryPlan:
     """The memory plan of a training run: ``cfg.train.max_mem`` for rows of ``pack_len`` (or ``max_seq_length``)
@@ -565,27 +614,27 @@ def plan_run(cfg: RunConfig, model_config: Any, device: torch.device, keep: Coll
     Raises:
         BudgetTooSmall: as :func:`plan_memory`.
     """
-    from gemma_lowmem.device import weight_dtype
-
     train = cfg.train
     seq = (train.pack_len or cfg.data.max_seq_length) if train.packing else cfg.data.max_seq_length
     fixed = {name: getattr(train, name) for name in PLANNED if name in keep}
+    if fixed.get("float_weights", False) is None:  # given as "let the plan decide"
+        del fixed["float_weights"]
     if "batch_size" in fixed or "grad_accum" in fixed:
         fixed.update(batch_size=train.batch_size, grad_accum=train.grad_accum)
     if not train.chunked_loss:  # the model's own loss: full logits of every position, as one "chunk"
         fixed["loss_chunk_size"] = train.batch_size * seq
+    shape = describe_run(cfg, model_config, device)
     weights = weight_dtype(device, cfg.model.dtype, train.precision)
-    shape = describe_model(model_config, quant=cfg.model.quant, dtype_bytes=weights.itemsize,
-                           embeddings=embeddings_mode(cfg.model, device.type), lora_r=cfg.lora.r,
-                           lora_targets=cfg.lora.target_modules)
     load = sum(predict_load_peak(
         shape, device_type=device.type, load_bytes=load_dtype(model_config, weights).itemsize,
         tables_on_cpu=cfg.model.embeddings_on_cpu or cfg.model.embeddings_on_disk,
     ).values())
     step = StepSpec(batch_size=1, seq_len=seq, packed=train.packing, task_factor=activation_factor)
+    compute = resolve_precision(device, train.precision).dtype or torch.float32  # the copies' dtype: the matmuls'
     try:
         plan = plan_memory(shape, budget=train.max_mem, step=step, global_batch_tokens=train.batch_size
-                           * train.grad_accum * seq, device_type=device.type, fixed=fixed)
+                           * train.grad_accum * seq, device_type=device.type, fixed=fixed,
+                           float_copy_bytes=shape.int8_linear_elements * compute.itemsize)
     except BudgetTooSmall:
         # Gemma 3n's per-layer table on the GPU (1.9 GiB for E2B) can be what breaks the budget (E2B, 2048 tokens,
         # 8 GB: 7.545 GiB measured on an H200): then keep it on the CPU, where it is only ever gathered from.
@@ -602,3 +651,25 @@ def plan_run(cfg: RunConfig, model_config: Any, device: torch.device, keep: Coll
             needed=load,
         )
     return replace(plan, load_peak=load)
+
+
+def apply_plan(cfg: RunConfig, plan: MemoryPlan, device_type: str) -> RunConfig:
+    """The config to train with (``plan.apply(cfg)``); prints the plan as every run does: the budget, the settings
+    the plan changed and :meth:`MemoryPlan.table`. ``scripts/plan_memory.py`` prints it the same way.
+
+    Args:
+        cfg: the run's config, as given.
+        plan: its plan (:func:`plan_run`).
+        device_type: "cpu" or "cuda", for the heading.
+
+    Returns:
+        The planned config.
+    """
+    planned = plan.apply(cfg)
+    changed = [f"{name} {getattr(cfg.train, name)} -> {getattr(planned.train, name)}" for name in PLANNED
+               if getattr(cfg.train, name) != getattr(planned.train, name)]
+    if planned.model.embeddings_on_cpu != cfg.model.embeddings_on_cpu:
+        changed.append("embeddings_on_cpu False -> True")
+    print(f"memory plan for --max-mem {cfg.train.max_mem} on {device_type}"
+          + (f" ({'; '.join(changed)})" if changed else "") + "\n" + plan.table())
+    return planned

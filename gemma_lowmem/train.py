@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -43,6 +44,7 @@ from gemma_lowmem.distributed import Ranks, init_distributed, wrap_ddp
 from gemma_lowmem.errors import UserError
 from gemma_lowmem.loss import sft_loss
 from gemma_lowmem.memory import BudgetTooSmall, PeakMemory, format_size, is_oom
+from gemma_lowmem.model import float_weight_cache
 from gemma_lowmem.runlog import MetricsLog, plot_loss_curve
 
 Example = dict[str, list[int]]
@@ -51,6 +53,12 @@ CollateFn = Callable[[list[list[Example]]], dict[str, Any]]
 # loss_fn(model, batch) -> summed loss, or (summed loss, {name: summed 0-dim metric}) for extra logged metrics
 LossFn = Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
 SINGLE = Ranks()
+
+
+def _note(message: str) -> None:
+    """An event of the loop (resume, a skipped step, out of memory, a signal) on stderr, above the progress bar:
+    stdout stays the scripts' own output (``benchmarks/gpu_check.py`` prints one JSON object per line there)."""
+    tqdm.write(message, file=sys.stderr)
 
 
 @dataclass
@@ -128,7 +136,7 @@ class _StopSignal:
         self.requested = True
         if self.announce:
             name = signal.Signals(signum).name
-            tqdm.write(f"{name}: saving a checkpoint at the end of this step (send it again to stop at once)")
+            _note(f"{name}: saving a checkpoint at the end of this step (send it again to stop at once)")
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -307,8 +315,8 @@ def run_window(
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the cap counts reserved memory: give the failed step's blocks back
         rows_now = -(-batch_size // splits)
-        tqdm.write(f"step {step}: out of memory; micro-batches of {rows_now} rows from now on "
-                   f"({len(micro_batches) * splits} per optimizer step)")
+        _note(f"step {step}: out of memory; micro-batches of {rows_now} rows from now on "
+              f"({len(micro_batches) * splits} per optimizer step)")
         log.write({"step": step, "out_of_memory": True, "micro_batch_rows": rows_now})
 
 
@@ -396,8 +404,70 @@ def _resume(
     set_rng_state(saved["rng"][ranks.rank], device)
     state = LoopState(**saved["counters"])
     if ranks.is_main:
-        tqdm.write(f"resumed from {checkpoint} at step {state.step}")
+        _note(f"resumed from {checkpoint} at step {state.step}")
     return state
+
+
+def _finish_run(
+    model: torch.nn.Module,
+    state: LoopState,
+    stopped: str,
+    cfg: TrainConfig,
+    *,
+    run_dir: Path,
+    run_config: dict[str, Any],
+    log: MetricsLog,
+    memory: PeakMemory,
+    checkpoint_now: Callable[[], Path],
+    validate_now: Callable[..., float] | None,
+    ranks: Ranks,
+) -> FitResult:
+    """The end of :func:`fit`: the final validation, the last checkpoint, the adapter and the loss curve, and
+    ``summary.json`` (files on rank 0). ``fit`` calls it under its signal handler.
+
+    Args:
+        model: the trained model.
+        state: the loop's state at its end.
+        stopped: why the loop ended (:attr:`FitResult.stopped`).
+        cfg: the loop's configuration.
+        run_dir, run_config: as in :func:`fit`.
+        log: the metrics log (gets the final validation loss; rank 0 reads it back for the loss curve).
+        memory: the loop's peak memory (read into the result).
+        checkpoint_now: saves this step's checkpoint (a collective: every rank calls it); returns its folder.
+        validate_now: the keep-best validation, called with ``final=True``; None: no final validation.
+        ranks: the process group.
+
+    Returns:
+        The :class:`FitResult`.
+
+    Raises:
+        UserError: the run stopped after ``cfg.max_bad_steps`` non-finite steps in a row (its checkpoint saved).
+    """
+    if validate_now is not None:
+        log.write({"step": state.step, "val_loss": validate_now(final=True)})
+    folder = checkpoint_now()
+    if stopped == "non_finite":
+        raise UserError(
+            f"{cfg.max_bad_steps} optimizer steps in a row had a non-finite loss or gradient, so the run stopped "
+            f"at step {state.step}; the last good weights are saved in {folder}. Try a lower --lr, "
+            "--max-grad-norm or --precision fp32, then --resume"
+        )
+    history: list[dict[str, Any]] = []
+    if ranks.is_main:
+        save_adapter(model, run_dir / "adapter", run_config)
+        history = log.read()
+        plot_loss_curve(history, run_dir / "loss_curve.png")
+    result = FitResult(steps=state.step, tokens=state.tokens, loss_tokens=state.loss_tokens, seconds=state.seconds,
+                       final_loss=state.last_loss, best_val_loss=state.best_val, peak_memory=memory.read(),
+                       skipped_steps=state.skipped, stopped=stopped, run_dir=str(run_dir), history=history)
+    if ranks.is_main:
+        summary = {k: v for k, v in result.__dict__.items() if k != "history"}
+        summary["loss_tokens_per_s"] = result.loss_tokens_per_s
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        if stopped == "signal":
+            _note(f"stopped by signal at step {state.step}; checkpoint saved in {folder} "
+                  f"(continue with --resume {run_dir})")
+    return result
 
 
 def fit(
@@ -492,7 +562,9 @@ def fit(
     # ---- loop --------------------------------------------------------------------------------------------------
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step",
                disable=not (show_progress and ranks.is_main))
-    with _StopSignal(announce=ranks.is_main) as stop, bar:  # an error closes the bar: its message starts a line
+    # The int8 linears' float copies (cfg.float_weights, planned against the budget with everything else): no cap.
+    copies = float_weight_cache(model, max_bytes=sys.maxsize, training=True) if cfg.float_weights else nullcontext()
+    with _StopSignal(announce=ranks.is_main) as stop, bar, copies:  # an error closes the bar: its message starts a line
         while state.step < total_steps:
             planned = [next(stream) for _ in range(cfg.grad_accum)]  # (epoch, index, rows) per micro-batch
             epoch, index = planned[-1][:2]
@@ -513,8 +585,8 @@ def fit(
                 routine = precision.use_scaler and loss_ok and scaler.get_scale() >= 1.0
                 bad_in_row += 0 if routine else 1
                 if ranks.is_main:
-                    tqdm.write(f"step {state.step + 1}: non-finite {'gradient' if loss_ok else 'loss'}; "
-                               f"optimizer step skipped ({bad_in_row} in a row, {state.skipped} in all)")
+                    _note(f"step {state.step + 1}: non-finite {'gradient' if loss_ok else 'loss'}; "
+                          f"optimizer step skipped ({bad_in_row} in a row, {state.skipped} in all)")
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -565,28 +637,8 @@ def fit(
         # Validate at the end unless the last step did, or nothing was trained (resumed at the end: done before
         # that checkpoint), or the run was stopped (then it would change best_val and early stopping after --resume).
         trained = state.step > first_step
-        if stopped in ("max_steps", "early_stopping") and trained and val_batches and "val_loss" not in record:
-            log.write({"step": state.step, "val_loss": validate_now(final=True)})
-        folder = checkpoint_now()
-        if stopped == "non_finite":
-            raise UserError(
-                f"{cfg.max_bad_steps} optimizer steps in a row had a non-finite loss or gradient, so the run stopped "
-                f"at step {state.step}; the last good weights are saved in {folder}. Try a lower --lr, "
-                "--max-grad-norm or --precision fp32, then --resume"
-            )
-        history: list[dict[str, Any]] = []
-        if ranks.is_main:
-            save_adapter(model, run_dir / "adapter", run_config)
-            history = log.read()
-            plot_loss_curve(history, run_dir / "loss_curve.png")
-    result = FitResult(steps=state.step, tokens=state.tokens, loss_tokens=state.loss_tokens, seconds=state.seconds,
-                       final_loss=state.last_loss, best_val_loss=state.best_val, peak_memory=memory.read(),
-                       skipped_steps=state.skipped, stopped=stopped, run_dir=str(run_dir), history=history)
-    if ranks.is_main:
-        summary = {k: v for k, v in result.__dict__.items() if k != "history"}
-        summary["loss_tokens_per_s"] = result.loss_tokens_per_s
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        if stopped == "signal":
-            tqdm.write(f"stopped by signal at step {state.step}; checkpoint saved in {folder} "
-                       f"(continue with --resume {run_dir})")
-    return result
+        validate_last = (stopped in ("max_steps", "early_stopping") and trained and bool(val_batches)
+                         and "val_loss" not in record)
+        return _finish_run(model, state, stopped, cfg, run_dir=run_dir, run_config=run_config, log=log, memory=memory,
+                           checkpoint_now=checkpoint_now, validate_now=validate_now if validate_last else None,
+                           ranks=ranks)

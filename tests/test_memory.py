@@ -25,6 +25,7 @@ from gemma_lowmem.memory import (
     parse_size,
 )
 from gemma_lowmem.planner import (
+    FLOAT_COPIES,
     PLANNED,
     StepSpec,
     describe_model,
@@ -248,7 +249,7 @@ def test_plan_script_end_to_end_on_the_shipped_config(monkeypatch, capsys):
         (["--model", "gemma-3n-e2b", "--max-mem", "8XB"], "error: --max-mem '8XB' is not a size"),
         (["--model", "gemma-3n-e2b", "--max-mem", "3GB", "--device", "cpu"], "needs at least"),
         (["--model", "./no/such/model"], "no such file or folder"),
-        (["--model", "gemma-3n-e2b", "--max-seq-length", "0"], "--max-seq-length=0 must be > 0"),
+        (["--model", "gemma-3n-e2b", "--max-seq-length", "0"], "max_seq_length=0 must be > 0"),
     ],
 )
 def test_plan_script_bad_input_is_one_line_and_exit_2(args, message, monkeypatch, capsys):
@@ -283,7 +284,8 @@ def test_plan_run_chooses_what_was_not_given_and_keeps_what_was():
     applied = kept.apply(cfg).train
     assert (applied.batch_size, applied.grad_accum, applied.gradient_checkpointing) == (2, 4, True)
     # a budget below what the given settings need, above what the planner's own choice needs
-    given = replace(cfg, train=replace(cfg.train, batch_size=8, grad_accum=1, gradient_checkpointing=False))
+    given = replace(cfg, train=replace(cfg.train, batch_size=8, grad_accum=1, gradient_checkpointing=False,
+                                       float_weights=False))
     need = plan_run(given, config, cpu, keep=PLANNED).predicted_peak
     tight = replace(given, train=replace(given.train, max_mem=str(need - 1)))
     with pytest.raises(BudgetTooSmall, match="batch_size=8.*leave them out"):
@@ -347,3 +349,39 @@ def test_a_load_that_cannot_fit_stops_before_loading_naming_the_budget():
     with pytest.raises(BudgetTooSmall, match=r"loading gemma-3n-e2b peaks at .* give --max-mem \d+\.\dGB") as err:
         plan_run(cfg, config, torch.device("cpu"))
     assert err.value.needed > 7e9
+
+
+def test_float_copies_of_the_int8_linears_are_kept_where_they_fit_beside_the_plan():
+    copies = SHAPE.int8_linear_elements * 4
+    assert copies > 0 and describe_model(gemma3_config(**SMALL), quant="none", dtype_bytes=4).int8_linear_elements == 0
+
+    def plan(budget: float, **fixed):
+        return plan_memory(SHAPE, budget=int(budget), step=StepSpec(1, 512), global_batch_tokens=8 * 512,
+                           device_type="cpu", fixed=fixed, float_copy_bytes=copies)
+
+    without = _plan(_peak(8, False, None))  # the fastest plan, just fitting
+    roomy = plan(without.predicted_peak + copies)
+    assert roomy.float_weights and roomy.breakdown[FLOAT_COPIES] == copies
+    assert roomy.predicted_peak == without.predicted_peak + copies == sum(roomy.breakdown.values())
+    assert (roomy.batch_size, roomy.gradient_checkpointing) == (without.batch_size, without.gradient_checkpointing)
+    assert "float copies kept" in roomy.table() and roomy.apply(RunConfig()).train.float_weights
+    tight = plan(without.predicted_peak + copies - 1)  # the copies come last: the step's layout is not given up
+    assert not tight.float_weights and FLOAT_COPIES not in tight.breakdown
+    assert (tight.batch_size, tight.gradient_checkpointing) == (without.batch_size, without.gradient_checkpointing)
+    assert "dequantized at every use" in tight.table() and tight.apply(RunConfig()).train.float_weights is False
+    given = plan(without.predicted_peak + copies - 1, float_weights=True)  # kept: the step is made smaller instead
+    assert given.float_weights and given.predicted_peak <= without.predicted_peak + copies - 1
+    assert not plan(10 * without.predicted_peak, float_weights=False).float_weights
+    with pytest.raises(BudgetTooSmall, match="float_weights=True"):
+        plan(_peak(1, True, 16) + copies - 1, float_weights=True)
+
+
+def test_plan_run_sizes_the_copies_in_the_matmuls_dtype():
+    from gemma_lowmem.device import resolve_precision
+
+    cpu, config = torch.device("cpu"), gemma3_config(**SMALL)
+    cfg = RunConfig(train=TrainConfig(max_mem="64GB"))
+    plan = plan_run(cfg, config, cpu)
+    compute = resolve_precision(cpu, "auto").dtype or torch.float32
+    assert plan.float_copy_bytes == SHAPE.int8_linear_elements * compute.itemsize and plan.float_weights
+    assert not plan_run(replace(cfg, model=replace(cfg.model, quant="none")), config, cpu).float_copy_bytes

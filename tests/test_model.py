@@ -110,7 +110,7 @@ def test_tied_embedding_and_head_as_int8_rows(tmp_path):
     from gemma_lowmem.data.collate import collate
     from gemma_lowmem.loss import sft_loss
     from gemma_lowmem.model import Int8TiedHead, add_lora
-    from kernels import Int8Embedding
+    from gemma_lowmem_kernels import Int8Embedding
     from tests.tiny import tiny_gemma3
 
     reference = tiny_gemma3().eval()
@@ -174,3 +174,45 @@ def test_float_weight_cache_decodes_the_same_within_its_cap_and_leaves_training_
             else:
                 assert weights.used == all_bytes and weights.skipped == 0
         assert weights.used == 0 and not any("_float_weights" in m.__dict__ for m in layers)
+
+
+def test_float_weight_cache_for_training_gives_the_kernels_loss_and_gradients_and_keeps_no_input(tmp_path):
+    """TrainConfig.float_weights: inside float_weight_cache(training=True) the decoder's int8 linears train on
+    whole float copies (the tied head keeps its int8 rows), with the loss and LoRA gradients of the kernel (as
+    accurate against an fp64 gold) and, like the kernel, no saved input."""
+    from gemma_lowmem.config import LoraConfig
+    from gemma_lowmem.data.collate import collate
+    from gemma_lowmem.loss import sft_loss
+    from gemma_lowmem.model import FrozenInt8Linear, add_lora, float_weight_cache
+    from tests.tiny import tiny_gemma3
+    from tests.tolerance import assert_as_accurate, fp64_copy
+
+    tiny_gemma3().save_pretrained(tmp_path)
+    base = load_base_model(ModelConfig(model=str(tmp_path), quant="int8", dtype="fp32"), torch.device("cpu"))
+    model = add_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0), gradient_checkpointing=True).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # B = 0 would leave every LoRA-A gradient zero
+    batch = collate([[{"input_ids": list(range(6, 30)), "labels": [-100] * 10 + list(range(16, 30))}]], pad_id=0,
+                    packed=False)
+    linears = [m for m in model.modules() if isinstance(m, FrozenInt8Linear)]
+
+    def loss_and_grads(m: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m.zero_grad()
+        loss = sft_loss(m, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    kernel = loss_and_grads(model)
+    with float_weight_cache(model, max_bytes=2**40, training=True) as weights:
+        copies = loss_and_grads(model)
+        assert weights.used == sum(m.weight.numel() * 4 for m in linears) and weights.skipped == 0
+        x = torch.randn(3, linears[0].in_features, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            linears[0](x)
+        assert saved and all(t.data_ptr() != x.data_ptr() for t in saved)  # the weight only, never the input
+    assert not any("_float_weights" in m.__dict__ for m in model.modules())
+    gold = loss_and_grads(fp64_copy(model))
+    torch.testing.assert_close(copies[0], kernel[0])  # the summed loss comes out in fp32 even from the fp64 gold
+    assert_as_accurate(copies[1], kernel[1], gold[1], name="LoRA gradients")
